@@ -1,0 +1,5 @@
+import sys
+
+from tomqueue.cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""``tomqueue`` command line: migrate · worker · deferred · republish · status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from tomqueue.config import Config
+from tomqueue.errors import TomQueueError
+
+log = logging.getLogger("tomqueue.cli")
+
+
+def _config() -> Config:
+    return Config.from_env()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from tomqueue.db import migrate
+
+    migrate(_config(), echo=print)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        return _supervise(args)
+    from tomqueue.worker.process import Worker
+
+    worker = Worker(
+        _config(),
+        imports=args.imports,
+        queues=args.queues,
+        threads=args.threads,
+        min_priority=args.min_priority,
+        max_priority=args.max_priority,
+        exit_on_complete=args.exit_on_complete,
+    )
+    return worker.run()
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``-n N``: run N single-process workers, restart any that die, forward signals."""
+    argv = [sys.executable, "-m", "tomqueue", "worker", "-n", "1"] + [
+        a for a in sys.argv[2:] if a not in ("-n", str(args.processes), f"-n{args.processes}")
+    ]
+    children: list[subprocess.Popen[bytes]] = [
+        subprocess.Popen(argv) for _ in range(args.processes)
+    ]
+    stopping = {"count": 0}
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        stopping["count"] += 1
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while any(c.poll() is None for c in children) or (
+        not stopping["count"] and not args.exit_on_complete
+    ):
+        for i, child in enumerate(children):
+            code = child.poll()
+            if code is not None and not stopping["count"] and not args.exit_on_complete:
+                log.warning("worker pid %s exited with %s; starting another", child.pid, code)
+                children[i] = subprocess.Popen(argv)
+            elif code not in (None, 0):
+                status = code
+        time.sleep(0.2)
+    return status
+
+
+def cmd_deferred(args: argparse.Namespace) -> int:
+    from deferred.manager import main as deferred_main
+
+    return int(deferred_main([]))
+
+
+def cmd_republish(args: argparse.Namespace) -> int:
+    from tomqueue.sweeper import republish
+
+    count = republish(_config(), everything=args.all, echo=print)
+    print(f"republished {count} notification(s)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tomqueue.status import main as status_main
+
+    return int(status_main(args))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tomqueue", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
+    w = sub.add_parser("worker", help="run jobs")
+    w.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module whose job classes this worker may load (repeatable)",
+    )
+    w.add_argument("-n", "--processes", type=int, default=1, help="worker processes")
+    w.add_argument("--threads", type=int, default=1, help="job threads per process")
+    w.add_argument(
+        "--queue",
+        "--queues",
+        dest="queues",
+        action="append",
+        default=[],
+        metavar="Q",
+        help="Delayed::Job queue to work (repeatable; default: the default queue)",
+    )
+    w.add_argument("--min-priority", type=int, default=None)
+    w.add_argument("--max-priority", type=int, default=None)
+    w.add_argument("--exit-on-complete", action="store_true", help="exit when no job is ready")
+    w.set_defaults(func=cmd_worker)
+    sub.add_parser("deferred", help="run the deferred manager").set_defaults(func=cmd_deferred)
+    r = sub.add_parser("republish", help="publish notifications again for due jobs")
+    r.add_argument("--all", action="store_true", help="every unfailed, unlocked job")
+    r.set_defaults(func=cmd_republish)
+    s = sub.add_parser("status", help="queues, jobs and workers")
+    s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--max-age",
+        type=float,
+        default=None,
+        help="exit 2 if the oldest ready job waited longer (seconds)",
+    )
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
+        )
+        logging.getLogger("pika").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except TomQueueError as exc:
+        print(f"tomqueue {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

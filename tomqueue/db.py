@@ -1,0 +1,147 @@
+"""Engines, the database clock and the schema migration.
+
+All lock-time comparisons use the database clock: ``now_sql`` is the expression, ``db_now``
+reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, literal_column, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.sql.elements import ColumnElement
+
+from tomqueue.config import Config, redact_url
+from tomqueue.errors import DatabaseUnavailable
+from tomqueue.schema import SCHEMA_VERSION, Base, SchemaInfo, schema_info
+
+log = logging.getLogger("tomqueue.db")
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def utcnow() -> datetime:
+    """Naive UTC now from this process's clock (used only where no database is at hand)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def get_engine(config: Config) -> Engine:
+    """The process-wide engine for ``config.database_url`` (created once)."""
+    with _engines_lock:
+        engine = _engines.get(config.database_url)
+        if engine is None:
+            engine = _engines[config.database_url] = make_engine(config.database_url)
+        return engine
+
+
+def dispose_engines() -> None:
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        kwargs.pop("pool_pre_ping")
+    elif parsed.get_backend_name() in ("mysql", "mariadb"):
+        if "charset" not in parsed.query:
+            parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+        kwargs.update(pool_recycle=3600, pool_size=10, max_overflow=20)
+    else:
+        kwargs.update(pool_size=10, max_overflow=20)
+    engine = create_engine(parsed, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+    elif parsed.get_backend_name() in ("mysql", "mariadb"):
+        event.listen(engine, "connect", _mysql_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # we emit BEGIN IMMEDIATE ourselves (_sqlite_begin)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # Take the write lock at BEGIN: a deferred transaction that reads and then writes can
+    # fail with "database is locked" instead of waiting for the busy timeout.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _mysql_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("SET SESSION time_zone = '+00:00'")
+    cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    cur.close()
+
+
+def now_sql(dialect_name: str) -> ColumnElement[datetime]:
+    """The database clock as naive UTC with microseconds, for use inside statements."""
+    if dialect_name == "postgresql":
+        expr = "(clock_timestamp() AT TIME ZONE 'UTC')"
+    elif dialect_name in ("mysql", "mariadb"):
+        expr = "UTC_TIMESTAMP(6)"
+    else:  # sqlite: %f gives SS.SSS; pad to microseconds like SQLAlchemy's own format
+        expr = "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
+    from sqlalchemy import DateTime
+
+    return literal_column(expr, type_=DateTime())
+
+
+def db_now(conn: Connection) -> datetime:
+    value = conn.execute(select(now_sql(conn.dialect.name))).scalar_one()
+    if isinstance(value, str):  # sqlite returns text
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    return value
+
+
+def migrate(config: Config, echo: Any = None) -> int:
+    """Create or upgrade the schema; idempotent. Returns the schema version."""
+    engine = get_engine(config)
+    say = echo or (lambda msg: log.info(msg))
+    try:
+        with engine.begin() as conn:
+            existing = set(inspect(conn).get_table_names())
+            Base.metadata.create_all(conn)
+            created = sorted({t.name for t in Base.metadata.sorted_tables} - existing)
+            row = conn.execute(select(SchemaInfo).where(SchemaInfo.id == 1)).first()
+            now = db_now(conn)
+            if row is None:
+                conn.execute(
+                    schema_info.insert().values(id=1, version=SCHEMA_VERSION, migrated_at=now)
+                )
+            else:
+                conn.execute(
+                    schema_info.update()
+                    .where(SchemaInfo.id == 1)
+                    .values(version=SCHEMA_VERSION, migrated_at=now)
+                )
+    except OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot migrate the database at {redact_url(config.database_url)}: {_first_line(exc)}"
+        ) from None
+    if created:
+        say(f"created tables: {', '.join(created)}")
+    say(f"schema is at version {SCHEMA_VERSION} on {redact_url(config.database_url)}")
+    return SCHEMA_VERSION
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__

@@ -1,0 +1,195 @@
+"""The enqueue stack: validate → hooks → persist → publish after commit.
+
+    enqueue(payload, priority=None, run_at=None, queue=None, session=None, connection=None)
+
+Delayed::Job's precedence: an explicit ``priority`` (0 included) wins over the configured
+default; the queue comes from the argument, then the payload's ``queue_name``, then the
+default queue (stored as NULL).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert
+from sqlalchemy.orm import Session
+
+from tomqueue import handler, lifecycle
+from tomqueue.aftercommit import after_commit
+from tomqueue.config import QUEUE_NAME_RE, Config, current
+from tomqueue.db import get_engine, utcnow
+from tomqueue.errors import EnqueueError, PublishError
+from tomqueue.message import Notification
+from tomqueue.schema import Job, jobs
+from tomqueue.transport import get_publisher
+
+log = logging.getLogger("tomqueue.enqueue")
+
+MAX_HANDLER_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated enqueue request."""
+
+    payload: Any
+    priority: int
+    run_at: datetime
+    queue: str | None
+    handler: str
+
+
+# --- layer 1: validate -----------------------------------------------------------------
+
+
+def validate(
+    payload: Any, priority: int | None, run_at: Any, queue: str | None, config: Config
+) -> Request:
+    if priority is None:
+        priority = getattr(payload, "priority", None)
+        priority = config.default_priority if not isinstance(priority, int) else priority
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise EnqueueError(f"priority must be an integer, got {priority!r}")
+    if queue is None:
+        queue = getattr(payload, "queue_name", None)
+    if queue is not None and (not isinstance(queue, str) or not QUEUE_NAME_RE.match(queue)):
+        raise EnqueueError(f"queue must be 1-64 letters, digits, '_' or '-', got {queue!r}")
+    if queue == config.default_queue:
+        queue = None
+    text = handler.dump(payload)
+    if len(text) > MAX_HANDLER_BYTES:
+        raise EnqueueError(
+            f"the handler of {type(payload).__name__} is {len(text)} bytes; "
+            f"the limit is {MAX_HANDLER_BYTES}: store large data elsewhere and pass a key"
+        )
+    return Request(payload, priority, _normalize_time(run_at), queue, text)
+
+
+def _normalize_time(run_at: Any) -> datetime:
+    if run_at is None:
+        return utcnow()
+    if isinstance(run_at, timedelta):
+        return utcnow() + run_at
+    if isinstance(run_at, int | float) and not isinstance(run_at, bool):
+        return utcnow() + timedelta(seconds=run_at)
+    if isinstance(run_at, datetime):
+        if run_at.tzinfo is not None:
+            return run_at.astimezone(UTC).replace(tzinfo=None)
+        return run_at  # naive datetimes are UTC
+    raise EnqueueError(
+        f"run_at must be a datetime (naive = UTC), a timedelta or seconds, got {run_at!r}"
+    )
+
+
+# --- layer 2: hooks --------------------------------------------------------------------
+
+
+def run_enqueue_hooks(request: Request, job: Job) -> None:
+    lifecycle.run("before", "enqueue", job)
+    hook = getattr(request.payload, "enqueue", None)
+    if callable(hook):
+        hook(job)
+    lifecycle.run("after", "enqueue", job)
+
+
+# --- layer 3: persist ------------------------------------------------------------------
+
+
+def new_job(request: Request) -> Job:
+    now = utcnow()
+    return Job(
+        priority=request.priority,
+        attempts=0,
+        handler=request.handler,
+        run_at=request.run_at,
+        queue=request.queue,
+        created_at=now,
+        updated_at=now,
+        version=1,
+        fence=0,
+        notified_at=now,
+    )
+
+
+def persist(job: Job, target: Session | Connection | None, config: Config) -> None:
+    if isinstance(target, Session):
+        target.add(job)
+        target.flush()
+        return
+    values = {c.name: getattr(job, c.name) for c in jobs.columns if c.name != "id"}
+    if target is None:
+        with get_engine(config).begin() as conn:
+            result = conn.execute(insert(jobs).values(**values))
+    else:
+        result = target.execute(insert(jobs).values(**values))
+    job.id = result.inserted_primary_key[0]  # type: ignore[index]
+
+
+# --- layer 4: publish after commit -----------------------------------------------------
+
+
+def notification(job: Job) -> Notification:
+    return Notification(
+        job_id=job.id,
+        version=job.version,
+        run_at=job.run_at,
+        priority=job.priority,
+        queue=job.queue,
+        kind=handler.handler_kind(job.handler),
+    )
+
+
+def publish(notes: list[Notification], config: Config) -> None:
+    """Publish; a failure is logged, not raised: the row is committed and the sweeper
+    republishes notifications that never arrived."""
+    try:
+        get_publisher(config).publish(notes)
+    except PublishError as exc:
+        log.error(
+            "job committed but its notification was not confirmed: %s; the sweeper "
+            "will republish it",
+            exc,
+            extra={"action": "publish_failed", "job_id": notes[0].job_id},
+        )
+        if config.exception_reporter:
+            config.exception_reporter(exc)
+
+
+# --- the stack -------------------------------------------------------------------------
+
+
+def enqueue(
+    payload: Any,
+    priority: int | None = None,
+    run_at: Any = None,
+    queue: str | None = None,
+    *,
+    session: Session | None = None,
+    connection: Connection | None = None,
+    config: Config | None = None,
+) -> Job:
+    """Persist a job and notify workers once it is committed. Returns the job."""
+    config = config or current()
+    request = validate(payload, priority, run_at, queue, config)
+    job = new_job(request)
+    if not config.delay_jobs:
+        from tomqueue.worker.invoke import run_inline
+
+        run_enqueue_hooks(request, job)
+        run_inline(job, request.payload, config)
+        return job
+    run_enqueue_hooks(request, job)
+    target = session if session is not None else connection
+    persist(job, target, config)
+    note = notification(job)
+    log.debug(
+        "enqueued job %s", job.id, extra={"job_id": job.id, "queue": job.queue, "action": "enqueue"}
+    )
+    if target is None:
+        publish([note], config)
+    else:
+        after_commit(target, lambda: publish([note], config))
+    return job

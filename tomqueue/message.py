@@ -1,0 +1,84 @@
+"""The wire format: a notification says "job <id>, version <digest>, is due at <run_at>"."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tomqueue.errors import MessageError
+
+CONTENT_TYPE = "application/json"
+MAX_BODY_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    job_id: int
+    version: int
+    run_at: datetime  # naive UTC
+    priority: int = 0
+    queue: str | None = None
+    kind: str = ""
+
+    def encode(self) -> bytes:
+        body = {
+            "delayed_job_id": self.job_id,
+            "delayed_job_digest": str(self.version),
+            "run_at": self.run_at.replace(tzinfo=UTC).isoformat(timespec="microseconds"),
+        }
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def headers(self, level: str) -> dict[str, Any]:
+        """AMQP headers that make a message readable in the management UI."""
+        return {
+            "job_id": self.job_id,
+            "job_class": self.kind[:255],
+            "priority": self.priority,
+            "priority_level": level,
+            "queue": self.queue or "",
+        }
+
+
+def decode(body: bytes, headers: dict[str, Any] | None = None) -> Notification:
+    """Parse a message body; ``MessageError`` explains what is wrong with it."""
+    if len(body) > MAX_BODY_BYTES:
+        raise MessageError(f"message body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise MessageError(f"message body is not JSON: {body[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise MessageError(f"message body is not a JSON object: {body[:80]!r}")
+    job_id = data.get("delayed_job_id")
+    digest = data.get("delayed_job_digest")
+    if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id <= 0:
+        raise MessageError(f"delayed_job_id must be a positive integer, got {job_id!r}")
+    try:
+        version = int(digest)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise MessageError(f"delayed_job_digest must be a version number, got {digest!r}") from None
+    run_at = _parse_time(data.get("run_at"))
+    headers = headers or {}
+    priority = headers.get("priority", 0)
+    return Notification(
+        job_id=job_id,
+        version=version,
+        run_at=run_at,
+        priority=priority if isinstance(priority, int) else 0,
+        queue=headers.get("queue") or None,
+        kind=str(headers.get("job_class", "")),
+    )
+
+
+def _parse_time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise MessageError(f"run_at must be an ISO-8601 string, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise MessageError(f"run_at is not ISO-8601: {value!r}") from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed

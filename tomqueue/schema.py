@@ -1,0 +1,96 @@
+"""The ``delayed_jobs`` table: Delayed::Job's columns plus what TomQueue needs.
+
+Extra columns:
+- ``version``: the notification generation. Bumped whenever the job is (re)scheduled; a
+  message carries it as ``delayed_job_digest`` and a message whose version differs is stale.
+- ``fence``: the fencing token. Bumped by every lock and every outcome; each write after a
+  lock is conditioned on the value the lock produced, so an old lock holder cannot overwrite
+  a newer outcome.
+- ``notified_at``: when a notification for the current version was last published (the
+  sweeper's "not notified recently").
+
+Timestamps are naive UTC with microseconds on every database.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+_TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+_LONG_TEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Job(Base):
+    """A live job (Delayed::Job's model). Completed jobs are deleted."""
+
+    __tablename__ = "delayed_jobs"
+    __table_args__: Any = (
+        Index("ix_delayed_jobs_sweep", "failed_at", "locked_at", "run_at"),
+        Index("ix_delayed_jobs_queue", "queue", "priority"),
+        {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"},
+    )
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True, autoincrement=True)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    handler: Mapped[str] = mapped_column(_LONG_TEXT, nullable=False)
+    last_error: Mapped[str | None] = mapped_column(_LONG_TEXT, nullable=True)
+    run_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+    locked_at: Mapped[datetime | None] = mapped_column(_TIME, nullable=True)
+    locked_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(_TIME, nullable=True)
+    queue: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+    version: Mapped[int] = mapped_column(BigInteger, nullable=False, default=1)
+    fence: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    notified_at: Mapped[datetime | None] = mapped_column(_TIME, nullable=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Job id={self.id} queue={self.queue} priority={self.priority} "
+            f"attempts={self.attempts} run_at={self.run_at} version={self.version}>"
+        )
+
+    @property
+    def name(self) -> str:
+        """The payload's kind (``module:QualName``), like Delayed::Job's ``name``."""
+        from tomqueue.handler import handler_kind
+
+        return handler_kind(self.handler)
+
+
+class SchemaInfo(Base):
+    """One row: the schema version ``tomqueue migrate`` last brought the database to."""
+
+    __tablename__ = "tomqueue_schema"
+    __table_args__: Any = {"mysql_charset": "utf8mb4"}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    migrated_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+
+
+jobs: Table = Job.__table__  # type: ignore[assignment]
+schema_info: Table = SchemaInfo.__table__  # type: ignore[assignment]

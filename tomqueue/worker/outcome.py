@@ -1,0 +1,130 @@
+"""What happened to a job, and the one place where that is written to the database.
+
+Every write is conditioned on the fencing token the lock produced (``fence``) and bumps it,
+so a worker that lost its lock (timed out, abandoned thread) cannot overwrite a newer
+outcome: its write matches no row and is reported as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Delete, Update, delete, update
+
+from tomqueue.db import now_sql
+from tomqueue.message import Notification
+from tomqueue.schema import Job
+
+if TYPE_CHECKING:
+    from tomqueue.worker.work import Work
+
+log = logging.getLogger("tomqueue.worker")
+
+MAX_ERROR_CHARS = 65_000
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """perform() returned: the row is deleted."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A failed attempt with attempts left: run again at ``run_at``."""
+
+    error: str
+    run_at: datetime
+
+
+@dataclass(frozen=True)
+class Failed:
+    """No attempts left (or a permanent error): mark failed, or delete if ``destroy``."""
+
+    error: str
+    destroy: bool
+
+
+@dataclass(frozen=True)
+class Released:
+    """The worker stopped before the job finished: unlock it, attempt not counted."""
+
+    reason: str
+
+
+Outcome = Succeeded | Retry | Failed | Released
+
+
+def format_error(exc: BaseException, secrets: tuple[str | None, ...] = ()) -> str:
+    """``Type: message`` and the traceback, without passwords, bounded in size."""
+    text = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-30:])
+    return redact(text, secrets)[:MAX_ERROR_CHARS]
+
+
+def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def record(work: Work) -> list[Notification]:
+    """Write ``work.outcome`` (fenced); return notifications to publish before the ack."""
+    job, outcome = work.job, work.outcome
+    assert job is not None and outcome is not None
+    mine = (Job.id == job.id) & (Job.fence == work.fence)
+    now = now_sql(work.ctx.engine.dialect.name)
+    unlock = {"locked_at": None, "locked_by": None, "fence": Job.fence + 1, "updated_at": now}
+    follow_up: Notification | None = None
+    statement: Delete | Update
+    if isinstance(outcome, Succeeded) or (isinstance(outcome, Failed) and outcome.destroy):
+        statement = delete(Job).where(mine)
+    elif isinstance(outcome, Retry):
+        statement = (
+            update(Job)
+            .where(mine)
+            .values(
+                attempts=Job.attempts + 1,
+                last_error=outcome.error,
+                run_at=outcome.run_at,
+                version=Job.version + 1,
+                notified_at=now,
+                **unlock,
+            )
+        )
+        follow_up = _note(job, job.version + 1, outcome.run_at)
+    elif isinstance(outcome, Failed):
+        statement = (
+            update(Job)
+            .where(mine)
+            .values(attempts=Job.attempts + 1, last_error=outcome.error, failed_at=now, **unlock)
+        )
+    else:  # Released
+        statement = (
+            update(Job).where(mine).values(version=Job.version + 1, notified_at=now, **unlock)
+        )
+        follow_up = _note(job, job.version + 1, job.run_at)
+    with work.ctx.engine.begin() as conn:
+        written = conn.execute(statement).rowcount
+    action = type(outcome).__name__.lower()
+    if written != 1:
+        log.warning(
+            "job %s: lock was lost before recording %s; outcome discarded",
+            job.id,
+            action,
+            extra={**work.log_extra, "action": "fence_lost"},
+        )
+        return []
+    work.ctx.count(action)
+    log.info("job %s %s", job.id, action, extra={**work.log_extra, "action": action})
+    return [follow_up] if follow_up else []
+
+
+def _note(job: Job, version: int, run_at: datetime) -> Notification:
+    return Notification(job.id, version, run_at, job.priority, job.queue, job.name)

@@ -1,0 +1,262 @@
+"""A worker process: a main thread that owns the transport and dispatches deliveries to a
+pool of job threads, most urgent level first.
+
+Signals (main thread): the first TERM/INT stops taking work; running jobs get
+``stop_grace`` seconds to finish, then are interrupted and released so they run again
+promptly elsewhere; the process exits 0. A second TERM/INT exits at once (status 1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import FrameType
+
+from pika.exceptions import AMQPError
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from tomqueue.config import LEVELS, Config, default_worker_name, redact_url
+from tomqueue.db import get_engine
+from tomqueue.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable
+from tomqueue.transport import Delivery, make_consumer
+from tomqueue.transport.base import Consumer
+from tomqueue.worker import stack
+from tomqueue.worker.work import Context, Work
+
+log = logging.getLogger("tomqueue.worker")
+
+EXIT_OK = 0
+EXIT_RESTART = 3  # too many abandoned job threads: a supervisor should start a fresh process
+
+
+def import_modules(names: Sequence[str]) -> frozenset[str]:
+    """Import the modules named by ``--import``; they are the only kinds a worker loads.
+
+    Like ``python -m`` and Celery, the current directory is importable."""
+    if names and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"--import {name}: cannot import it ({exc})") from None
+    return frozenset(names)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        imports: Sequence[str] = (),
+        queues: Sequence[str] = (),
+        threads: int = 1,
+        min_priority: int | None = None,
+        max_priority: int | None = None,
+        exit_on_complete: bool = False,
+        name: str | None = None,
+    ) -> None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        self.config = config
+        self.allowed = import_modules(imports)
+        self.queues: list[str | None] = list(queues)
+        self.threads = threads
+        self.priority_range = (min_priority, max_priority)
+        self.exit_on_complete = exit_on_complete
+        self.name = name or default_worker_name()
+        self.consumer: Consumer = make_consumer(config, self.queues, self.priority_range)
+        self.ctx = Context(config, get_engine(config), self.consumer, self.allowed, self.name)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tomqueue-job")
+        self._running: set[Future[None]] = set()
+        self._buffer: list[Delivery] = []
+        self._signals = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        log.info(
+            "worker %s starting: %s, %d thread(s)",
+            self.name,
+            self.config.describe(),
+            self.threads,
+            extra={"action": "worker_start"},
+        )
+        self._check_database()
+        self._connect()
+        try:
+            self._loop()
+        finally:
+            self._drain()
+        log.info(
+            "worker %s exiting: %s", self.name, self.ctx.counters, extra={"action": "worker_exit"}
+        )
+        return EXIT_RESTART if self._needs_restart() else EXIT_OK
+
+    def request_stop(self) -> None:
+        if not self.ctx.stopping.is_set():
+            self.ctx.stop_deadline = time.monotonic() + self.config.stop_grace
+            self.ctx.stopping.set()
+            self.consumer.wake()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting at once", extra={"action": "worker_kill"})
+            os._exit(1)
+        log.info(
+            "signal %s: finishing current jobs (grace %gs), then exiting",
+            signal.Signals(signum).name,
+            self.config.stop_grace,
+            extra={"action": "worker_stop"},
+        )
+        self.request_stop()
+
+    def _check_database(self) -> None:
+        for attempt in self._retrying(DatabaseUnavailable):
+            with attempt:
+                try:
+                    with self.ctx.engine.connect() as conn:
+                        conn.execute(text("SELECT 1"))
+                except OperationalError:
+                    raise DatabaseUnavailable(
+                        f"cannot reach the database at {redact_url(self.config.database_url)}"
+                    ) from None
+
+    def _connect(self) -> None:
+        for attempt in self._retrying(BrokerUnavailable):
+            with attempt:
+                self.consumer.start()
+
+    def _retrying(self, kind: type[Exception]) -> Retrying:
+        def before_sleep(state: object) -> None:
+            outcome = getattr(state, "outcome", None)
+            exc = outcome.exception() if outcome is not None else None
+            log.warning("%s; retrying", exc, extra={"action": "reconnect"})
+
+        return Retrying(
+            retry=retry_if_exception_type(kind),
+            wait=wait_exponential_jitter(initial=0.5, max=30),
+            before_sleep=before_sleep,
+            stop=lambda _state: self.ctx.stopping.is_set(),
+            reraise=True,
+        )
+
+    # --- the dispatch loop -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.ctx.stopping.is_set():
+            if self._needs_restart():
+                log.error(
+                    "too many abandoned job threads; exiting for a restart",
+                    extra={"action": "worker_restart"},
+                )
+                self.request_stop()
+                break
+            free = self.threads - len(self._running)
+            try:
+                self._buffer += self.consumer.poll(
+                    0 if (self._buffer and free) else 0.5, free - len(self._buffer)
+                )
+                self._dispatch()
+            except (AMQPError, BrokerUnavailable) as exc:
+                self._reconnect(exc)
+            if (
+                self.exit_on_complete
+                and not self._running
+                and not self._buffer
+                and self.consumer.is_drained()
+            ):
+                log.info("no more jobs: exiting (--exit-on-complete)")
+                break
+
+    def _dispatch(self) -> None:
+        self._requeue_stale()
+        waited = False
+        while self._buffer and len(self._running) < self.threads:
+            delivery = min(self._buffer, key=lambda d: (LEVELS.index(d.level), d.received_at))
+            if (
+                delivery.level != LEVELS[0]
+                and not waited
+                and self.consumer.has_ready_above(delivery.level)
+            ):
+                waited = True  # a more urgent message is on its way: let it arrive first
+                self._buffer += self.consumer.poll(0.05, 0)
+                continue
+            self._buffer.remove(delivery)
+            future = self._pool.submit(stack.run, Work(self.ctx, delivery))
+            self._running.add(future)
+            future.add_done_callback(self._on_done)
+
+    def _on_done(self, future: Future[None]) -> None:
+        self._running.discard(future)
+        self.consumer.wake()
+
+    def _requeue_stale(self) -> None:
+        limit = time.monotonic() - self.config.delivery_hold_limit
+        for delivery in [d for d in self._buffer if d.received_at < limit]:
+            self._buffer.remove(delivery)
+            self.consumer.requeue(delivery)
+
+    def _reconnect(self, exc: BaseException) -> None:
+        log.warning(
+            "broker connection lost (%s); reconnecting",
+            type(exc).__name__,
+            extra={"action": "reconnect"},
+        )
+        self._buffer.clear()  # the broker requeues whatever the old channel held
+        self.consumer.close()
+        self._connect()
+
+    def _drain(self) -> None:
+        """Let running jobs finish (or be released), keeping the connection's I/O going."""
+        for delivery in self._buffer:
+            try:
+                self.consumer.requeue(delivery)
+            except Exception:  # the broker redelivers unacked messages anyway
+                break
+        self._buffer.clear()
+        while self._running:
+            try:
+                self.consumer.poll(0.1, 0)
+            except (AMQPError, BrokerUnavailable):
+                time.sleep(0.1)
+        self._pool.shutdown(wait=False)
+        self.consumer.close()
+
+    def _needs_restart(self) -> bool:
+        return self.ctx.abandoned_threads >= self.threads
+
+
+def work_off(
+    num: int = 100, config: Config | None = None, imports: Sequence[str] | None = None
+) -> tuple[int, int]:
+    """Run up to ``num`` due jobs in this thread, straight from the database; return
+    ``(successes, failures)`` like Delayed::Job's ``work_off``.
+
+    A test helper: without ``imports`` every module already imported may be loaded."""
+    from tomqueue.config import current
+    from tomqueue.transport.polling import PollingConsumer
+
+    config = config or current()
+    consumer = PollingConsumer(config, [])
+    allowed = frozenset(imports) if imports is not None else frozenset(sys.modules)
+    ctx = Context(config, get_engine(config), consumer, allowed, default_worker_name())
+    for _ in range(num):
+        found = consumer.fetch(1)
+        if not found:
+            break
+        stack.run(Work(ctx, found[0]))
+    successes = ctx.counters.get("succeeded", 0)
+    return successes, ctx.counters.get("retry", 0) + ctx.counters.get("failed", 0)

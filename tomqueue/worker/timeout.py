@@ -1,0 +1,129 @@
+"""Layer 4 — timeout: the job runs in a runner thread that this layer watches.
+
+- ``min(payload.max_run_time, config.max_run_time)`` passed → ``JobTimeout`` is raised inside
+  the job (an asynchronous exception). If the job ignores it for ``timeout_grace`` seconds,
+  its thread is abandoned (it can no longer write: its fence is spent) and the attempt is
+  recorded as failed anyway. A process that collects more abandoned threads than it has
+  job threads asks to be restarted.
+- The worker is stopping and ``stop_grace`` has passed → the job is interrupted the same way
+  and released (unlocked, attempt not counted) so it runs again promptly elsewhere.
+- ``delivery_hold_limit`` passed → the delivery is acked early (see the pop layer).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import threading
+import time
+
+from tomqueue.errors import JobTimeout
+from tomqueue.worker.invoke import failure_outcome
+from tomqueue.worker.outcome import Released
+from tomqueue.worker.work import Next, Work
+
+log = logging.getLogger("tomqueue.worker")
+
+
+class WorkerStopping(BaseException):
+    """Raised inside a job that is interrupted because its worker is shutting down.
+
+    A BaseException, so a job's ``except Exception`` does not swallow it."""
+
+
+def max_run_time(work: Work) -> float:
+    limit = work.ctx.config.max_run_time
+    own = getattr(work.payload, "max_run_time", None)
+    if isinstance(own, int | float) and not isinstance(own, bool) and 0 < own < limit:
+        return float(own)
+    return limit
+
+
+def layer(work: Work, call_next: Next) -> None:
+    inner = dataclasses.replace(work)  # an abandoned thread writes only to its own copy
+    done = threading.Event()
+    crash: list[BaseException] = []
+
+    def runner() -> None:
+        try:
+            try:
+                call_next(inner)
+            except WorkerStopping:
+                pass
+            except BaseException as exc:  # SystemExit and friends raised by a job
+                crash.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(
+        target=runner, name=f"job-{work.note and work.note.job_id}", daemon=True
+    )
+    started = time.monotonic()
+    deadline = started + max_run_time(work)
+    thread.start()
+    interrupted = _watch(work, done, deadline)
+    if interrupted is None:
+        work.outcome = inner.outcome or failure_outcome(
+            work,
+            crash[0] if crash else RuntimeError("the job ended without an outcome"),
+            time.monotonic() - started,
+        )
+        return
+    _interrupt(thread, interrupted)
+    if done.wait(work.ctx.config.timeout_grace):
+        work.outcome = inner.outcome
+    else:
+        _abandon(work, thread)
+    if interrupted is WorkerStopping:
+        work.outcome = Released("the worker stopped before the job finished")
+    elif work.outcome is None:
+        work.outcome = failure_outcome(
+            work, JobTimeout(_timeout_text(work)), time.monotonic() - started
+        )
+
+
+def _watch(work: Work, done: threading.Event, deadline: float) -> type[BaseException] | None:
+    """Wait for the job; return the exception type to interrupt it with, or None if done."""
+    ctx = work.ctx
+    while True:
+        now = time.monotonic()
+        wake = deadline
+        if work.hold_deadline is not None and work.on_long_run is not None:
+            if now >= work.hold_deadline:
+                work.on_long_run()
+                work.on_long_run = None
+            else:
+                wake = min(wake, work.hold_deadline)
+        if ctx.stop_deadline is not None:
+            if now >= ctx.stop_deadline:
+                return WorkerStopping
+            wake = min(wake, ctx.stop_deadline)
+        elif not ctx.stopping.is_set():
+            wake = min(wake, now + 1.0)  # notice a stop request promptly
+        if now >= deadline:
+            return JobTimeout
+        if done.wait(max(0.0, wake - now)):
+            return None
+
+
+def _timeout_text(work: Work) -> str:
+    return f"execution expired: the job ran longer than max_run_time ({max_run_time(work):g} s)"
+
+
+def _interrupt(thread: threading.Thread, exc_type: type[BaseException]) -> None:
+    if thread.ident is None:
+        return
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type)
+    )
+
+
+def _abandon(work: Work, thread: threading.Thread) -> None:
+    with work.ctx.lock:
+        work.ctx.abandoned_threads += 1
+    log.error(
+        "job thread %s ignored its interruption and was abandoned",
+        thread.name,
+        extra={**work.log_extra, "action": "thread_abandoned"},
+    )

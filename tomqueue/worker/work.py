@@ -1,0 +1,69 @@
+"""The one value that flows down the worker stack, and what every layer can reach."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+
+from tomqueue.config import Config
+from tomqueue.message import Notification
+from tomqueue.schema import Job
+from tomqueue.transport.base import Consumer, Delivery
+from tomqueue.worker.outcome import Outcome
+
+
+@dataclass
+class Context:
+    """Shared by every job of one worker process."""
+
+    config: Config
+    engine: Engine
+    consumer: Consumer
+    allowed_modules: Collection[str]
+    name: str
+    stopping: threading.Event = field(default_factory=threading.Event)
+    stop_deadline: float | None = None
+    abandoned_threads: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, key: str) -> None:
+        with self.lock:
+            self.counters[key] = self.counters.get(key, 0) + 1
+
+
+@dataclass
+class Work:
+    """One delivery on its way down the stack; each layer fills in its part."""
+
+    ctx: Context
+    delivery: Delivery
+    note: Notification | None = None  # pop: the decoded notification
+    job: Job | None = None  # db_lock: detached snapshot of the locked row
+    fence: int = 0  # db_lock: the fencing token every later write is conditioned on
+    locked_at: datetime | None = None  # db_lock: database time of the lock
+    payload: Any = None  # db_lock: the rebuilt payload object
+    load_error: str | None = None  # db_lock: why the handler could not be rebuilt
+    outcome: Outcome | None = None  # timeout / invoke: what happened
+    follow_ups: list[Notification] = field(default_factory=list)  # published before the ack
+    on_long_run: Callable[[], None] | None = None  # pop: ack early for long jobs
+    hold_deadline: float | None = None  # pop: monotonic time to call on_long_run
+
+    @property
+    def log_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"action": "perform"}
+        if self.note is not None:
+            extra["job_id"] = self.note.job_id
+        if self.job is not None:
+            extra["queue"] = self.job.queue or self.ctx.config.default_queue
+            extra["job_class"] = self.job.name
+        return extra
+
+
+Next = Callable[[Work], None]
+"""The rest of the stack below a layer."""
