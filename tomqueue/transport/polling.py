@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import ColumnElement, Select, or_, select
 
@@ -44,7 +43,7 @@ def due_jobs_query(
     stale_cutoff: datetime,
     queues: Sequence[str | None],
     priority_range: tuple[int | None, int | None],
-) -> Select[Any]:  # type: ignore[type-arg]
+) -> Select[int, int, datetime, int, str | None]:
     """Due, unfailed jobs that are unlocked (or whose lock is older than max_run_time)."""
     query = select(Job.id, Job.version, Job.run_at, Job.priority, Job.queue).where(
         Job.failed_at.is_(None),

@@ -1,0 +1,76 @@
+"""The sweeper: the database is the truth, so notifications can always be rebuilt from it.
+
+It finds jobs that should have a notification in flight but may not — due, unfailed, not
+notified recently, and either unlocked or holding a lock older than ``max_run_time`` — and
+publishes their notifications again. ``tomqueue republish`` runs it once; ``--all`` takes every
+unfailed job (future ones go to the deferred queue). Duplicates are harmless: a worker
+checks the row's version and lock before running anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, or_, select, update
+
+from tomqueue.config import Config
+from tomqueue.db import db_now, get_engine, now_sql
+from tomqueue.handler import handler_kind
+from tomqueue.message import Notification
+from tomqueue.schema import Job
+from tomqueue.transport import get_publisher
+
+log = logging.getLogger("tomqueue.sweeper")
+
+BATCH = 1000
+NOTIFIED_RECENTLY = 60.0  # seconds: a notification younger than this is presumed in flight
+
+
+def _candidates(
+    conn: Connection, config: Config, everything: bool, after_id: int, now: datetime
+) -> list[Notification]:
+    stale_lock = now - timedelta(seconds=config.max_run_time)
+    query = select(Job.id, Job.version, Job.run_at, Job.priority, Job.queue, Job.handler).where(
+        Job.failed_at.is_(None),
+        Job.id > after_id,
+        or_(Job.locked_at.is_(None), Job.locked_at < stale_lock),
+    )
+    if not everything:
+        quiet_since = now - timedelta(seconds=NOTIFIED_RECENTLY)
+        query = query.where(
+            Job.run_at <= now,
+            or_(Job.notified_at.is_(None), Job.notified_at < quiet_since),
+        )
+    rows = conn.execute(query.order_by(Job.id).limit(BATCH)).all()
+    return [
+        Notification(r.id, r.version, r.run_at, r.priority, r.queue, handler_kind(r.handler))
+        for r in rows
+    ]
+
+
+def republish(
+    config: Config, everything: bool = False, echo: Callable[[str], None] | None = None
+) -> int:
+    """Publish notifications for jobs that may have none; return how many were sent."""
+    engine, publisher = get_engine(config), get_publisher(config)
+    sent, after_id = 0, 0
+    while True:
+        with engine.connect() as conn:
+            notes = _candidates(conn, config, everything, after_id, db_now(conn))
+        if not notes:
+            break
+        publisher.publish(notes)
+        with engine.begin() as conn:
+            conn.execute(
+                update(Job)
+                .where(Job.id.in_([n.job_id for n in notes]))
+                .values(notified_at=now_sql(engine.dialect.name))
+            )
+        sent += len(notes)
+        after_id = notes[-1].job_id
+        if echo:
+            echo(f"... {sent} notification(s) republished (up to job {after_id})")
+    log.info("republished %d notification(s)", sent, extra={"action": "republish"})
+    return sent
