@@ -6,6 +6,7 @@ field is checked once, here, and an error names the field and the constraint it 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -44,8 +45,15 @@ def redact_url(url: str | None) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+_names_given = itertools.count(1)
+
+
 def default_worker_name() -> str:
-    return f"host:{socket.gethostname()} pid:{os.getpid()}"
+    """``host:<hostname> pid:<pid>``, Delayed::Job's format; a second worker in the same
+    process gets ``pid:<pid>.2`` and so on, so every live worker's name is unique."""
+    n = next(_names_given)
+    suffix = "" if n == 1 else f".{n}"
+    return f"host:{socket.gethostname()} pid:{os.getpid()}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,11 @@ class Config:
     stop_grace: float = 30.0
     timeout_grace: float = 5.0
     publish_timeout: float = 10.0
+    heartbeat_interval: float = 5.0
+    lease_timeout: float = 60.0
+    max_crashes: int = 3
+    sweep_interval: float = 30.0
+    sweep_quiet: float = 60.0
     exception_reporter: ExceptionReporter | None = None
 
     def __post_init__(self) -> None:
@@ -155,7 +168,7 @@ def _validate(c: Config) -> None:
         "must be 1-100 letters, digits, '_', '.' or '-'",
         c.prefix,
     )
-    for name in ("max_attempts", "read_ahead"):
+    for name in ("max_attempts", "read_ahead", "max_crashes"):
         value = getattr(c, name)
         _require(
             isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -170,12 +183,27 @@ def _validate(c: Config) -> None:
         "must be an integer",
         c.default_priority,
     )
-    for name in ("max_run_time", "sleep_delay", "delivery_hold_limit", "publish_timeout"):
+    for name in (
+        "max_run_time",
+        "sleep_delay",
+        "delivery_hold_limit",
+        "publish_timeout",
+        "heartbeat_interval",
+        "lease_timeout",
+        "sweep_interval",
+        "sweep_quiet",
+    ):
         value = getattr(c, name)
         _require(isinstance(value, int | float) and value > 0, name, "must be > 0 seconds", value)
     for name in ("run_at_tolerance", "stop_grace", "timeout_grace"):
         value = getattr(c, name)
         _require(isinstance(value, int | float) and value >= 0, name, "must be >= 0 seconds", value)
+    _require(
+        c.lease_timeout >= 3 * c.heartbeat_interval,
+        "lease_timeout",
+        f"must be at least 3 heartbeat intervals ({3 * c.heartbeat_interval:g} s)",
+        c.lease_timeout,
+    )
     _require(
         c.delivery_hold_limit < 1800,
         "delivery_hold_limit",

@@ -120,6 +120,7 @@ def migrate(config: Config, echo: Any = None) -> int:
             existing = set(inspect(conn).get_table_names())
             Base.metadata.create_all(conn)
             created = sorted({t.name for t in Base.metadata.sorted_tables} - existing)
+            added = _add_missing_columns(conn)
             row = conn.execute(select(SchemaInfo).where(SchemaInfo.id == 1)).first()
             now = db_now(conn)
             if row is None:
@@ -138,8 +139,27 @@ def migrate(config: Config, echo: Any = None) -> int:
         ) from None
     if created:
         say(f"created tables: {', '.join(created)}")
+    if added:
+        say(f"added columns: {', '.join(added)}")
     say(f"schema is at version {SCHEMA_VERSION} on {redact_url(config.database_url)}")
     return SCHEMA_VERSION
+
+
+def _add_missing_columns(conn: Connection) -> list[str]:
+    """Upgrade older schemas: add columns the models have and the tables lack."""
+    added = []
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl = column.type.compile(dialect=conn.dialect)
+            default = column.server_default.arg if column.server_default is not None else None  # type: ignore[attr-defined]
+            clause = f" NOT NULL DEFAULT {default}" if default is not None else " NULL"
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl}{clause}")
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, insert
 from sqlalchemy.orm import Session
 
-from tomqueue import handler, lifecycle
+from tomqueue import failpoints, handler, lifecycle
 from tomqueue.aftercommit import after_commit
 from tomqueue.config import QUEUE_NAME_RE, Config, current
 from tomqueue.db import get_engine, utcnow
@@ -111,6 +111,7 @@ def new_job(request: Request) -> Job:
         version=1,
         fence=0,
         notified_at=now,
+        crashes=0,
     )
 
 
@@ -146,6 +147,7 @@ def publish(notes: list[Notification], config: Config) -> None:
     """Publish; a failure is logged, not raised: the row is committed and the sweeper
     republishes notifications that never arrived."""
     try:
+        failpoints.hit("enqueue.before_publish")
         get_publisher(config).publish(notes)
     except PublishError as exc:
         log.error(

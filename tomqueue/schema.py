@@ -8,6 +8,12 @@ Extra columns:
   a newer outcome.
 - ``notified_at``: when a notification for the current version was last published (the
   sweeper's "not notified recently").
+- ``crashes``: how many times a worker died while running the job (also counted in
+  ``attempts``); past ``max_crashes`` the job is failed instead of run again.
+
+``tomqueue_workers`` is the registry of live workers (heartbeats): a lock whose ``locked_by``
+has not been seen for ``lease_timeout`` seconds is expired. ``tomqueue_leases`` holds named
+leases that let several processes take turns at a periodic task (the sweeper).
 
 Timestamps are naive UTC with microseconds on every database.
 """
@@ -30,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _ID = BigInteger().with_variant(Integer(), "sqlite")
 _TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -66,6 +72,7 @@ class Job(Base):
     version: Mapped[int] = mapped_column(BigInteger, nullable=False, default=1)
     fence: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     notified_at: Mapped[datetime | None] = mapped_column(_TIME, nullable=True)
+    crashes: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     def __repr__(self) -> str:
         return (
@@ -81,6 +88,32 @@ class Job(Base):
         return handler_kind(self.handler)
 
 
+class WorkerRecord(Base):
+    """A running worker process, kept fresh by its heartbeat."""
+
+    __tablename__ = "tomqueue_workers"
+    __table_args__: Any = {"mysql_charset": "utf8mb4"}
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    queues: Mapped[str] = mapped_column(String(1000), nullable=False, default="")
+    started_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+    last_seen: Mapped[datetime] = mapped_column(_TIME, nullable=False, index=True)
+    current_jobs: Mapped[str] = mapped_column(Text, nullable=False, default="[]")
+
+
+class Lease(Base):
+    """A named lease: who may run a periodic task until when."""
+
+    __tablename__ = "tomqueue_leases"
+    __table_args__: Any = {"mysql_charset": "utf8mb4"}
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+
+
 class SchemaInfo(Base):
     """One row: the schema version ``tomqueue migrate`` last brought the database to."""
 
@@ -94,3 +127,5 @@ class SchemaInfo(Base):
 
 jobs: Table = Job.__table__  # type: ignore[assignment]
 schema_info: Table = SchemaInfo.__table__  # type: ignore[assignment]
+workers: Table = WorkerRecord.__table__  # type: ignore[assignment]
+leases: Table = Lease.__table__  # type: ignore[assignment]

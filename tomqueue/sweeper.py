@@ -1,7 +1,7 @@
 """The sweeper: the database is the truth, so notifications can always be rebuilt from it.
 
 It finds jobs that should have a notification in flight but may not — due, unfailed, not
-notified recently, and either unlocked or holding a lock older than ``max_run_time`` — and
+notified for ``sweep_quiet`` seconds, and unlocked or with an expired lock — and
 publishes their notifications again. ``tomqueue republish`` runs it once; ``--all`` takes every
 unfailed job (future ones go to the deferred queue). Duplicates are harmless: a worker
 checks the row's version and lock before running anything.
@@ -18,6 +18,7 @@ from sqlalchemy import Connection, or_, select, update
 from tomqueue.config import Config
 from tomqueue.db import db_now, get_engine, now_sql
 from tomqueue.handler import handler_kind
+from tomqueue.leases import lock_is_free
 from tomqueue.message import Notification
 from tomqueue.schema import Job
 from tomqueue.transport import get_publisher
@@ -25,20 +26,16 @@ from tomqueue.transport import get_publisher
 log = logging.getLogger("tomqueue.sweeper")
 
 BATCH = 1000
-NOTIFIED_RECENTLY = 60.0  # seconds: a notification younger than this is presumed in flight
 
 
 def _candidates(
     conn: Connection, config: Config, everything: bool, after_id: int, now: datetime
 ) -> list[Notification]:
-    stale_lock = now - timedelta(seconds=config.max_run_time)
     query = select(Job.id, Job.version, Job.run_at, Job.priority, Job.queue, Job.handler).where(
-        Job.failed_at.is_(None),
-        Job.id > after_id,
-        or_(Job.locked_at.is_(None), Job.locked_at < stale_lock),
+        Job.failed_at.is_(None), Job.id > after_id, lock_is_free(now, config)
     )
     if not everything:
-        quiet_since = now - timedelta(seconds=NOTIFIED_RECENTLY)
+        quiet_since = now - timedelta(seconds=config.sweep_quiet)
         query = query.where(
             Job.run_at <= now,
             or_(Job.notified_at.is_(None), Job.notified_at < quiet_since),

@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, Select, or_, select
 
 from tomqueue.config import Config
 from tomqueue.db import db_now, get_engine
+from tomqueue.leases import lock_is_free
 from tomqueue.message import Notification
 from tomqueue.schema import Job
 from tomqueue.transport.base import Delivery
@@ -39,16 +40,15 @@ class NullPublisher:
 
 def due_jobs_query(
     config: Config,
-    now_cutoff: datetime,
-    stale_cutoff: datetime,
+    now: datetime,
     queues: Sequence[str | None],
     priority_range: tuple[int | None, int | None],
 ) -> Select[int, int, datetime, int, str | None]:
-    """Due, unfailed jobs that are unlocked (or whose lock is older than max_run_time)."""
+    """Due, unfailed jobs that are unlocked or whose lock expired."""
     query = select(Job.id, Job.version, Job.run_at, Job.priority, Job.queue).where(
         Job.failed_at.is_(None),
-        Job.run_at <= now_cutoff,
-        or_(Job.locked_at.is_(None), Job.locked_at < stale_cutoff),
+        Job.run_at <= now + timedelta(seconds=config.run_at_tolerance),
+        lock_is_free(now, config),
     )
     if queues:
         names = [q for q in queues if q and q != config.default_queue]
@@ -107,8 +107,7 @@ class PollingConsumer:
             now = db_now(conn)
             query = due_jobs_query(
                 self.config,
-                now + timedelta(seconds=self.config.run_at_tolerance),
-                now - timedelta(seconds=self.config.max_run_time),
+                now,
                 self.queues,
                 self.priority_range,
             )

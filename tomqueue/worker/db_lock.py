@@ -3,8 +3,11 @@
 Load the row by primary key (``FOR UPDATE``) and decide, with the database clock:
 - missing, failed, or another version than the message's → drop (ack);
 - ``run_at`` later than now + ``run_at_tolerance`` → re-defer to ``run_at``;
-- locked and the lock younger than ``max_run_time`` → a follow-up at the lock's expiry;
-- otherwise lock it: ``locked_at``/``locked_by`` and a new fencing token.
+- locked by a worker that still heartbeats, younger than ``max_run_time`` → a follow-up
+  notification for when the lock could expire;
+- otherwise lock it: ``locked_at``/``locked_by`` and a new fencing token. Taking over the
+  lock of a dead worker counts a crash (and an attempt); past ``max_crashes`` the job is
+  failed instead of run.
 Then rebuild the payload, run the layers below, and record the outcome (fenced).
 """
 
@@ -14,11 +17,12 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
-from tomqueue import handler
+from tomqueue import failpoints, handler
 from tomqueue.db import now_sql
 from tomqueue.errors import HandlerError
+from tomqueue.leases import holder_alive
 from tomqueue.message import Notification
 from tomqueue.schema import Job, jobs
 from tomqueue.worker import outcome
@@ -31,9 +35,15 @@ def layer(work: Work, call_next: Next) -> None:
     assert work.note is not None
     if not _lock(work):
         return
-    _load_payload(work)
-    call_next(work)
-    work.follow_ups.extend(outcome.record(work))
+    assert work.job is not None
+    work.ctx.running_jobs.add(work.job.id)
+    try:
+        _load_payload(work)
+        call_next(work)
+        work.follow_ups.extend(outcome.record(work))
+    finally:
+        work.ctx.running_jobs.discard(work.job.id)
+    failpoints.hit("worker.after_record")
 
 
 def _lock(work: Work) -> bool:
@@ -46,7 +56,7 @@ def _lock(work: Work) -> bool:
             .where(Job.id == note.job_id)
             .with_for_update()
         ).first()
-        skip = _why_not(work, row)
+        skip = _why_not(work, row, conn)
         if skip is not None:
             reason, follow_up = skip
             if follow_up is not None:
@@ -61,20 +71,35 @@ def _lock(work: Work) -> bool:
             return False
         assert row is not None
         db_now = _as_datetime(row.db_now)
+        values = {"locked_at": db_now, "locked_by": ctx.name, "fence": row.fence + 1}
+        if row.locked_at is not None:  # taking over from a worker that died holding it
+            values.update(_crash_counts(work, row))
         conn.execute(
             update(Job)
             .where(Job.id == row.id, Job.fence == row.fence)
-            .values(locked_at=db_now, locked_by=ctx.name, fence=row.fence + 1, updated_at=db_now)
+            .values(updated_at=db_now, **values)
         )
-    values = {c.name: getattr(row, c.name) for c in jobs.columns}
-    values.update(locked_at=db_now, locked_by=ctx.name, fence=row.fence + 1)
-    work.job = Job(**values)
+    work.job = Job(**{**{c.name: getattr(row, c.name) for c in jobs.columns}, **values})
     work.fence = row.fence + 1
     work.locked_at = db_now
+    failpoints.hit("worker.after_lock")
     return True
 
 
-def _why_not(work: Work, row: Any) -> tuple[str, Notification | None] | None:
+def _crash_counts(work: Work, row: Any) -> dict[str, Any]:
+    """A crash counts as an attempt and, past ``max_crashes``, fails the job."""
+    crashes, limit = row.crashes + 1, work.ctx.config.max_crashes
+    error = (
+        f"WorkerCrashed: worker {row.locked_by!r} stopped while running this job "
+        f"(locked at {row.locked_at} UTC); crash {crashes} of at most {limit}"
+    )
+    log.warning("job %s: %s", row.id, error, extra={"job_id": row.id, "action": "crashed"})
+    if crashes >= limit:
+        work.give_up = f"{error}: giving up"
+    return {"crashes": crashes, "attempts": row.attempts + 1, "last_error": error}
+
+
+def _why_not(work: Work, row: Any, conn: Connection) -> tuple[str, Notification | None] | None:
     note, config = work.note, work.ctx.config
     assert note is not None
     if row is None:
@@ -86,8 +111,10 @@ def _why_not(work: Work, row: Any) -> tuple[str, Notification | None] | None:
     now = _as_datetime(row.db_now)
     if row.locked_at is not None:
         expires = row.locked_at + timedelta(seconds=config.max_run_time)
-        if expires > now:
-            return "locked", _follow_up(row, expires)
+        if expires > now and holder_alive(conn, row.locked_by, now, config):
+            # check again when the lock would expire, or when a dead holder's lease would
+            recheck = min(expires, now + timedelta(seconds=config.lease_timeout))
+            return "locked", _follow_up(row, recheck)
     if row.run_at > now + timedelta(seconds=config.run_at_tolerance):
         return "early", _follow_up(row, row.run_at)
     return None

@@ -29,6 +29,11 @@ def layer(work: Work, call_next: Next | None = None) -> None:
     if work.load_error is not None:
         work.outcome = Failed(work.load_error, _destroy(None, work.ctx.config))
         return
+    if work.give_up is not None:
+        lifecycle.run("before", "failure", job)
+        _safe_hook(work.payload, "failure", job)
+        work.outcome = Failed(work.give_up, _destroy(work.payload, work.ctx.config), False)
+        return
     started = time.monotonic()
     try:
         perform(job, work.payload)

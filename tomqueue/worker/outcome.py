@@ -48,6 +48,7 @@ class Failed:
 
     error: str
     destroy: bool
+    count_attempt: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,12 @@ def record(work: Work) -> list[Notification]:
         statement = (
             update(Job)
             .where(mine)
-            .values(attempts=Job.attempts + 1, last_error=outcome.error, failed_at=now, **unlock)
+            .values(
+                attempts=Job.attempts + int(outcome.count_attempt),
+                last_error=outcome.error,
+                failed_at=now,
+                **unlock,
+            )
         )
     else:  # Released
         statement = (

@@ -27,6 +27,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 from tomqueue.config import LEVELS, Config, default_worker_name, redact_url
 from tomqueue.db import get_engine
 from tomqueue.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable
+from tomqueue.registry import Heartbeat
 from tomqueue.transport import Delivery, make_consumer
 from tomqueue.transport.base import Consumer
 from tomqueue.worker import stack
@@ -75,6 +76,14 @@ class Worker:
         self.name = name or default_worker_name()
         self.consumer: Consumer = make_consumer(config, self.queues, self.priority_range)
         self.ctx = Context(config, get_engine(config), self.consumer, self.allowed, self.name)
+        self.heartbeat = Heartbeat(
+            config,
+            self.ctx.engine,
+            self.name,
+            self.queues,
+            current_jobs=lambda: sorted(self.ctx.running_jobs),
+            lease_lost=self.ctx.lease_lost,
+        )
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tomqueue-job")
         self._running: set[Future[None]] = set()
         self._buffer: list[Delivery] = []
@@ -94,11 +103,13 @@ class Worker:
             extra={"action": "worker_start"},
         )
         self._check_database()
-        self._connect()
+        self.heartbeat.start()
         try:
+            self._connect()
             self._loop()
         finally:
             self._drain()
+            self.heartbeat.stop()
         log.info(
             "worker %s exiting: %s", self.name, self.ctx.counters, extra={"action": "worker_exit"}
         )
@@ -253,10 +264,15 @@ def work_off(
     consumer = PollingConsumer(config, [])
     allowed = frozenset(imports) if imports is not None else frozenset(sys.modules)
     ctx = Context(config, get_engine(config), consumer, allowed, default_worker_name())
-    for _ in range(num):
-        found = consumer.fetch(1)
-        if not found:
-            break
-        stack.run(Work(ctx, found[0]))
+    registration = Heartbeat(config, ctx.engine, ctx.name, [], sweep=False)
+    registration.register()  # so other workers see this process's locks as held
+    try:
+        for _ in range(num):
+            found = consumer.fetch(1)
+            if not found:
+                break
+            stack.run(Work(ctx, found[0]))
+    finally:
+        registration.stop()
     successes = ctx.counters.get("succeeded", 0)
     return successes, ctx.counters.get("retry", 0) + ctx.counters.get("failed", 0)

@@ -7,6 +7,8 @@
   job threads asks to be restarted.
 - The worker is stopping and ``stop_grace`` has passed → the job is interrupted the same way
   and released (unlocked, attempt not counted) so it runs again promptly elsewhere.
+- The heartbeat could not renew the worker's lease → the job is interrupted and released
+  before other workers may take it over.
 - ``delivery_hold_limit`` passed → the delivery is acked early (see the pop layer).
 """
 
@@ -95,12 +97,13 @@ def _watch(work: Work, done: threading.Event, deadline: float) -> type[BaseExcep
                 work.on_long_run = None
             else:
                 wake = min(wake, work.hold_deadline)
+        if ctx.lease_lost.is_set():
+            return WorkerStopping  # other workers may take the job over soon: stop it now
         if ctx.stop_deadline is not None:
             if now >= ctx.stop_deadline:
                 return WorkerStopping
             wake = min(wake, ctx.stop_deadline)
-        elif not ctx.stopping.is_set():
-            wake = min(wake, now + 1.0)  # notice a stop request promptly
+        wake = min(wake, now + 1.0)  # notice a stop request or a lost lease promptly
         if now >= deadline:
             return JobTimeout
         if done.wait(max(0.0, wake - now)):

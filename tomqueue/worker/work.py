@@ -29,6 +29,8 @@ class Context:
     stopping: threading.Event = field(default_factory=threading.Event)
     stop_deadline: float | None = None
     abandoned_threads: int = 0
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+    running_jobs: set[int] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -49,6 +51,7 @@ class Work:
     locked_at: datetime | None = None  # db_lock: database time of the lock
     payload: Any = None  # db_lock: the rebuilt payload object
     load_error: str | None = None  # db_lock: why the handler could not be rebuilt
+    give_up: str | None = None  # db_lock: crashed too often; fail without running
     outcome: Outcome | None = None  # timeout / invoke: what happened
     follow_ups: list[Notification] = field(default_factory=list)  # published before the ack
     on_long_run: Callable[[], None] | None = None  # pop: ack early for long jobs

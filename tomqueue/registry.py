@@ -1,0 +1,156 @@
+"""The worker registry and its heartbeat; the periodic sweeper rides along.
+
+A worker registers in ``tomqueue_workers`` before it takes any job and refreshes
+``last_seen`` (and the ids it is running) every ``heartbeat_interval``. If it cannot for
+``lease_timeout - heartbeat_interval`` seconds, it sets ``lease_lost`` so running jobs are
+stopped before other workers may take them over. Each beat, if the ``sweeper`` lease can be
+had, the sweeper republishes notifications the database says may be missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+
+from sqlalchemy import Engine, delete, insert, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from tomqueue.config import Config
+from tomqueue.db import db_now, now_sql
+from tomqueue.leases import try_acquire
+from tomqueue.schema import Job, WorkerRecord
+
+log = logging.getLogger("tomqueue.registry")
+
+STALE_RECORDS_AFTER = timedelta(days=1)
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        name: str,
+        queues: Iterable[str | None],
+        current_jobs: Callable[[], list[int]] = list,
+        sweep: bool = True,
+        lease_lost: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.name = name
+        self.queues = ",".join(q or config.default_queue for q in queues) or config.default_queue
+        self.current_jobs = current_jobs
+        self.sweep = sweep
+        self.lease_lost = lease_lost or threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_ok = time.monotonic()
+        self._next_sweep = time.monotonic() + config.sweep_interval * 0.1
+
+    def register(self) -> None:
+        """Write our row; release locks a dead process of the same name left behind."""
+        with self.engine.begin() as conn:
+            now = db_now(conn)
+            conn.execute(
+                delete(WorkerRecord).where(
+                    (WorkerRecord.name == self.name)
+                    | (WorkerRecord.last_seen < now - STALE_RECORDS_AFTER)
+                )
+            )
+            conn.execute(
+                insert(WorkerRecord).values(
+                    name=self.name,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    queues=self.queues,
+                    started_at=now,
+                    last_seen=now,
+                    current_jobs="[]",
+                )
+            )
+            released = conn.execute(
+                update(Job)
+                .where(Job.locked_by == self.name)
+                .values(locked_at=None, locked_by=None, fence=Job.fence + 1)
+            ).rowcount
+        if released:
+            log.warning(
+                "released %d lock(s) left by a dead process named %s",
+                released,
+                self.name,
+                extra={"action": "clear_locks"},
+            )
+        self._last_ok = time.monotonic()
+
+    def start(self) -> None:
+        self.register()
+        self._thread = threading.Thread(target=self._run, name="tomqueue-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(delete(WorkerRecord).where(WorkerRecord.name == self.name))
+        except SQLAlchemyError:
+            log.warning("could not remove worker %s from the registry", self.name)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_interval):
+            self.beat()
+            if self.sweep and time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + self.config.sweep_interval
+                self.sweep_once()
+
+    def beat(self) -> None:
+        try:
+            with self.engine.begin() as conn:
+                found = conn.execute(
+                    update(WorkerRecord)
+                    .where(WorkerRecord.name == self.name)
+                    .values(
+                        last_seen=now_sql(self.engine.dialect.name),
+                        current_jobs=json.dumps(self.current_jobs()),
+                    )
+                ).rowcount
+            if not found:
+                self.register()
+            self._last_ok = time.monotonic()
+            self.lease_lost.clear()
+        except SQLAlchemyError as exc:
+            silent = time.monotonic() - self._last_ok
+            log.warning(
+                "heartbeat failed for %.0f s: %s",
+                silent,
+                type(exc).__name__,
+                extra={"action": "heartbeat_failed"},
+            )
+            if silent > self.config.lease_timeout - 2 * self.config.heartbeat_interval:
+                if not self.lease_lost.is_set():
+                    log.error(
+                        "lease about to expire: stopping running jobs",
+                        extra={"action": "lease_lost"},
+                    )
+                self.lease_lost.set()
+
+    def sweep_once(self) -> int:
+        from tomqueue.sweeper import republish
+
+        try:
+            with self.engine.begin() as conn:
+                mine = try_acquire(
+                    conn, "sweeper", self.name, self.config.sweep_interval * 2, db_now(conn)
+                )
+            return republish(self.config) if mine else 0
+        except Exception as exc:  # never let the sweeper kill the heartbeat
+            log.warning("sweep failed: %s", exc, extra={"action": "sweep_failed"})
+            return 0
