@@ -56,9 +56,22 @@ def make_engine(url: str) -> Engine:
     elif parsed.get_backend_name() in ("mysql", "mariadb"):
         if "charset" not in parsed.query:
             parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+        # a silent network cut must fail a statement, not hang it forever
+        kwargs["connect_args"] = {"connect_timeout": 10, "read_timeout": 120, "write_timeout": 120}
         kwargs.update(pool_recycle=3600, pool_size=10, max_overflow=20)
     else:
+        kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 30000,
+        }
         kwargs.update(pool_size=10, max_overflow=20)
+    for key in list(kwargs.get("connect_args", {})):
+        if key in parsed.query:  # the URL's own settings win
+            del kwargs["connect_args"][key]
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)

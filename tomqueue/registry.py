@@ -1,10 +1,9 @@
-"""The worker registry and its heartbeat; the periodic sweeper rides along.
+"""The worker registry and its heartbeat.
 
 A worker registers in ``tomqueue_workers`` before it takes any job and refreshes
 ``last_seen`` (and the ids it is running) every ``heartbeat_interval``. If it cannot for
-``lease_timeout - heartbeat_interval`` seconds, it sets ``lease_lost`` so running jobs are
-stopped before other workers may take them over. Each beat, if the ``sweeper`` lease can be
-had, the sweeper republishes notifications the database says may be missing.
+``lease_timeout - 2 * heartbeat_interval`` seconds (failed or hung), ``lease_valid()`` turns
+False so running jobs are stopped before other workers may take them over.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tomqueue.config import Config
 from tomqueue.db import db_now, now_sql
-from tomqueue.leases import try_acquire
 from tomqueue.schema import Job, WorkerRecord
 
 log = logging.getLogger("tomqueue.registry")
@@ -39,20 +37,15 @@ class Heartbeat:
         name: str,
         queues: Iterable[str | None],
         current_jobs: Callable[[], list[int]] = list,
-        sweep: bool = True,
-        lease_lost: threading.Event | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.name = name
         self.queues = ",".join(q or config.default_queue for q in queues) or config.default_queue
         self.current_jobs = current_jobs
-        self.sweep = sweep
-        self.lease_lost = lease_lost or threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_ok = time.monotonic()
-        self._next_sweep = time.monotonic() + config.sweep_interval * 0.1
 
     def register(self) -> None:
         """Write our row; release locks a dead process of the same name left behind."""
@@ -107,9 +100,6 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.config.heartbeat_interval):
             self.beat()
-            if self.sweep and time.monotonic() >= self._next_sweep:
-                self._next_sweep = time.monotonic() + self.config.sweep_interval
-                self.sweep_once()
 
     def beat(self) -> None:
         try:
@@ -125,32 +115,16 @@ class Heartbeat:
             if not found:
                 self.register()
             self._last_ok = time.monotonic()
-            self.lease_lost.clear()
         except SQLAlchemyError as exc:
-            silent = time.monotonic() - self._last_ok
             log.warning(
-                "heartbeat failed for %.0f s: %s",
-                silent,
+                "heartbeat failed (%s); lease valid: %s",
                 type(exc).__name__,
+                self.lease_valid(),
                 extra={"action": "heartbeat_failed"},
             )
-            if silent > self.config.lease_timeout - 2 * self.config.heartbeat_interval:
-                if not self.lease_lost.is_set():
-                    log.error(
-                        "lease about to expire: stopping running jobs",
-                        extra={"action": "lease_lost"},
-                    )
-                self.lease_lost.set()
 
-    def sweep_once(self) -> int:
-        from tomqueue.sweeper import republish
-
-        try:
-            with self.engine.begin() as conn:
-                mine = try_acquire(
-                    conn, "sweeper", self.name, self.config.sweep_interval * 2, db_now(conn)
-                )
-            return republish(self.config) if mine else 0
-        except Exception as exc:  # never let the sweeper kill the heartbeat
-            log.warning("sweep failed: %s", exc, extra={"action": "sweep_failed"})
-            return 0
+    def lease_valid(self) -> bool:
+        """False once the heartbeat has failed (or hung) for long enough that other workers
+        may soon consider our locks expired: running jobs must stop now."""
+        margin = 2 * self.config.heartbeat_interval
+        return time.monotonic() - self._last_ok < self.config.lease_timeout - margin

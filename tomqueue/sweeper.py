@@ -10,6 +10,7 @@ checks the row's version and lock before running anything.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -18,7 +19,7 @@ from sqlalchemy import Connection, or_, select, update
 from tomqueue.config import Config
 from tomqueue.db import db_now, get_engine, now_sql
 from tomqueue.handler import handler_kind
-from tomqueue.leases import lock_is_free
+from tomqueue.leases import lock_is_free, try_acquire
 from tomqueue.message import Notification
 from tomqueue.schema import Job
 from tomqueue.transport import get_publisher
@@ -71,3 +72,36 @@ def republish(
             echo(f"... {sent} notification(s) republished (up to job {after_id})")
     log.info("republished %d notification(s)", sent, extra={"action": "republish"})
     return sent
+
+
+class PeriodicSweeper:
+    """Runs ``republish`` every ``sweep_interval`` in a background thread, when this process
+    holds the ``sweeper`` lease: several workers cooperate, one sweeps at a time."""
+
+    def __init__(self, config: Config, holder: str) -> None:
+        self.config = config
+        self.holder = holder
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tomqueue-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.sweep_interval):
+            self.sweep_once()
+
+    def sweep_once(self) -> int:
+        engine = get_engine(self.config)
+        try:
+            with engine.begin() as conn:
+                ttl = self.config.sweep_interval * 2
+                mine = try_acquire(conn, "sweeper", self.holder, ttl, db_now(conn))
+            return republish(self.config) if mine else 0
+        except Exception as exc:  # the next round tries again
+            log.warning("sweep failed: %s", exc, extra={"action": "sweep_failed"})
+            return 0

@@ -211,6 +211,7 @@ class AmqpConsumer:
         self._publish: ConfirmedChannel | None = None
         self._buffer: list[Delivery] = []
         self._generation = 0
+        self._cancelled = False
 
     # --- owner thread ----------------------------------------------------------------
 
@@ -220,6 +221,8 @@ class AmqpConsumer:
         self._generation += 1
         self._publish = ConfirmedChannel(self._connection, self.config)
         self._consume = self._connection.channel()
+        self._cancelled = False
+        self._consume.add_on_cancel_callback(self._on_cancel)
         self._consume.basic_qos(prefetch_count=self.config.read_ahead)
         for queue in self.queue_sets:
             declare_work(self._consume, self.topology, queue)
@@ -251,8 +254,17 @@ class AmqpConsumer:
 
         return on_message
 
+    def _on_cancel(self, _frame: Any) -> None:
+        log.warning(
+            "the broker cancelled a consumer (queue deleted?); reconnecting",
+            extra={"action": "consumer_cancelled"},
+        )
+        self._cancelled = True
+
     def poll(self, timeout: float, capacity: int) -> list[Delivery]:
         assert self._connection is not None
+        if self._cancelled:
+            raise BrokerUnavailable("a consumer was cancelled by the broker")
         if not self._buffer:
             self._connection.process_data_events(time_limit=timeout)
         else:

@@ -28,6 +28,7 @@ from tomqueue.config import LEVELS, Config, default_worker_name, redact_url
 from tomqueue.db import get_engine
 from tomqueue.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable
 from tomqueue.registry import Heartbeat
+from tomqueue.sweeper import PeriodicSweeper
 from tomqueue.transport import Delivery, make_consumer
 from tomqueue.transport.base import Consumer
 from tomqueue.worker import stack
@@ -82,8 +83,9 @@ class Worker:
             self.name,
             self.queues,
             current_jobs=lambda: sorted(self.ctx.running_jobs),
-            lease_lost=self.ctx.lease_lost,
         )
+        self.ctx.lease_valid = self.heartbeat.lease_valid
+        self.sweeper = PeriodicSweeper(config, self.name)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tomqueue-job")
         self._running: set[Future[None]] = set()
         self._buffer: list[Delivery] = []
@@ -104,11 +106,13 @@ class Worker:
         )
         self._check_database()
         self.heartbeat.start()
+        self.sweeper.start()
         try:
             self._connect()
             self._loop()
         finally:
             self._drain()
+            self.sweeper.stop()
             self.heartbeat.stop()
         log.info(
             "worker %s exiting: %s", self.name, self.ctx.counters, extra={"action": "worker_exit"}
@@ -264,7 +268,7 @@ def work_off(
     consumer = PollingConsumer(config, [])
     allowed = frozenset(imports) if imports is not None else frozenset(sys.modules)
     ctx = Context(config, get_engine(config), consumer, allowed, default_worker_name())
-    registration = Heartbeat(config, ctx.engine, ctx.name, [], sweep=False)
+    registration = Heartbeat(config, ctx.engine, ctx.name, [])
     registration.register()  # so other workers see this process's locks as held
     try:
         for _ in range(num):

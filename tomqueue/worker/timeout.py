@@ -97,7 +97,7 @@ def _watch(work: Work, done: threading.Event, deadline: float) -> type[BaseExcep
                 work.on_long_run = None
             else:
                 wake = min(wake, work.hold_deadline)
-        if ctx.lease_lost.is_set():
+        if not ctx.lease_valid():
             return WorkerStopping  # other workers may take the job over soon: stop it now
         if ctx.stop_deadline is not None:
             if now >= ctx.stop_deadline:

@@ -29,7 +29,7 @@ class Context:
     stopping: threading.Event = field(default_factory=threading.Event)
     stop_deadline: float | None = None
     abandoned_threads: int = 0
-    lease_lost: threading.Event = field(default_factory=threading.Event)
+    lease_valid: Callable[[], bool] = lambda: True
     running_jobs: set[int] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
