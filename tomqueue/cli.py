@@ -31,6 +31,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
         return _supervise(args)
+    if args.metrics_port:
+        from tomqueue.metrics import serve
+
+        serve(args.metrics_port)
     from tomqueue.worker.process import Worker
 
     worker = Worker(
@@ -45,18 +49,47 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return worker.run()
 
 
+def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
+    argv = [sys.executable, "-m", "tomqueue", "worker", "--threads", str(args.threads)]
+    for module in args.imports:
+        argv += ["--import", module]
+    for queue in args.queues:
+        argv += ["--queue", queue]
+    for flag in ("min_priority", "max_priority"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.exit_on_complete:
+        argv.append("--exit-on-complete")
+    if args.metrics_port:
+        argv += ["--metrics-port", str(args.metrics_port + index)]
+    return argv
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM if the supervising parent dies (Linux), never orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _spawn(args: argparse.Namespace, index: int) -> subprocess.Popen[bytes]:
+    # Own session: a TERM sent to the parent's process group (supervisord stopasgroup) must
+    # reach each child once, through the parent, or the child would see a "second signal".
+    return subprocess.Popen(
+        _child_argv(args, index), start_new_session=True, preexec_fn=_die_with_parent
+    )
+
+
 def _supervise(args: argparse.Namespace) -> int:
     """``-n N``: run N single-process workers, restart any that die, forward signals."""
-    argv = [sys.executable, "-m", "tomqueue", "worker", "-n", "1"] + [
-        a for a in sys.argv[2:] if a not in ("-n", str(args.processes), f"-n{args.processes}")
-    ]
-    children: list[subprocess.Popen[bytes]] = [
-        subprocess.Popen(argv) for _ in range(args.processes)
-    ]
-    stopping = {"count": 0}
+    children = [_spawn(args, i) for i in range(args.processes)]
+    signals = {"count": 0}
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        stopping["count"] += 1
+        signals["count"] += 1
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -64,15 +97,17 @@ def _supervise(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    while any(c.poll() is None for c in children) or (
-        not stopping["count"] and not args.exit_on_complete
+    while any(c.poll() is None for c in children) or not (
+        signals["count"] or args.exit_on_complete
     ):
         for i, child in enumerate(children):
             code = child.poll()
-            if code is not None and not stopping["count"] and not args.exit_on_complete:
+            if code is None:
+                continue
+            if not signals["count"] and (code != 0 or not args.exit_on_complete):
                 log.warning("worker pid %s exited with %s; starting another", child.pid, code)
-                children[i] = subprocess.Popen(argv)
-            elif code not in (None, 0):
+                children[i] = _spawn(args, i)
+            elif code != 0:
                 status = code
         time.sleep(0.2)
     return status
@@ -126,6 +161,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--min-priority", type=int, default=None)
     w.add_argument("--max-priority", type=int, default=None)
     w.add_argument("--exit-on-complete", action="store_true", help="exit when no job is ready")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on 127.0.0.1:PORT (with -n, PORT+i)",
+    )
     w.set_defaults(func=cmd_worker)
     sub.add_parser("deferred", help="run the deferred manager").set_defaults(func=cmd_deferred)
     r = sub.add_parser("republish", help="publish notifications again for due jobs")

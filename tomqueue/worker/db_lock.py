@@ -14,12 +14,13 @@ Then rebuild the payload, run the layers below, and record the outcome (fenced).
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from tomqueue import failpoints, handler
+from tomqueue import failpoints, handler, metrics
 from tomqueue.db import now_sql
 from tomqueue.errors import HandlerError
 from tomqueue.leases import holder_alive
@@ -62,6 +63,7 @@ def _lock(work: Work) -> bool:
             if follow_up is not None:
                 work.follow_ups.append(follow_up)
             ctx.count(f"skipped_{reason}")
+            metrics.SKIPPED.labels(reason).inc()
             log.info(
                 "job %s not taken: %s",
                 note.job_id,
@@ -82,6 +84,10 @@ def _lock(work: Work) -> bool:
     work.job = Job(**{**{c.name: getattr(row, c.name) for c in jobs.columns}, **values})
     work.fence = row.fence + 1
     work.locked_at = db_now
+    work.started = time.monotonic()
+    metrics.WAIT_SECONDS.labels(work.queue).observe(
+        max(0.0, (db_now - _as_datetime(row.run_at)).total_seconds())
+    )
     failpoints.hit("worker.after_lock")
     return True
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Delete, Update, delete, update
 
+from tomqueue import metrics
 from tomqueue.db import now_sql
 from tomqueue.message import Notification
 from tomqueue.schema import Job
@@ -128,6 +130,8 @@ def record(work: Work) -> list[Notification]:
         )
         return []
     work.ctx.count(action)
+    metrics.JOBS.labels(action, work.queue).inc()
+    metrics.RUN_SECONDS.labels(work.queue).observe(time.monotonic() - work.started)
     log.info("job %s %s", job.id, action, extra={**work.log_extra, "action": action})
     return [follow_up] if follow_up else []
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+from tomqueue import metrics
 from tomqueue.errors import MessageError
 from tomqueue.message import decode
 from tomqueue.worker.work import Next, Work
@@ -25,6 +26,7 @@ def layer(work: Work, call_next: Next) -> None:
         work.note = decode(delivery.body, delivery.headers)
     except MessageError as exc:
         work.ctx.count("malformed")
+        metrics.SKIPPED.labels("malformed").inc()
         log.warning(
             "dropping a malformed message from %s: %s",
             delivery.level,

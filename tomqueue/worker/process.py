@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
+from tomqueue import metrics
 from tomqueue.config import LEVELS, Config, default_worker_name, redact_url
 from tomqueue.db import get_engine
 from tomqueue.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable
@@ -230,6 +231,7 @@ class Worker:
             type(exc).__name__,
             extra={"action": "reconnect"},
         )
+        metrics.RECONNECTS.labels("worker").inc()
         self._buffer.clear()  # the broker requeues whatever the old channel held
         self.consumer.close()
         self._connect()

@@ -49,6 +49,7 @@ class Work:
     job: Job | None = None  # db_lock: detached snapshot of the locked row
     fence: int = 0  # db_lock: the fencing token every later write is conditioned on
     locked_at: datetime | None = None  # db_lock: database time of the lock
+    started: float = 0.0  # db_lock: monotonic time of the lock
     payload: Any = None  # db_lock: the rebuilt payload object
     load_error: str | None = None  # db_lock: why the handler could not be rebuilt
     give_up: str | None = None  # db_lock: crashed too often; fail without running
@@ -56,6 +57,11 @@ class Work:
     follow_ups: list[Notification] = field(default_factory=list)  # published before the ack
     on_long_run: Callable[[], None] | None = None  # pop: ack early for long jobs
     hold_deadline: float | None = None  # pop: monotonic time to call on_long_run
+
+    @property
+    def queue(self) -> str:
+        queue = self.job.queue if self.job is not None else None
+        return queue or self.ctx.config.default_queue
 
     @property
     def log_extra(self) -> dict[str, Any]:
