@@ -45,32 +45,24 @@ def collect(config: Config) -> dict[str, Any]:
                 else datetime.fromisoformat(first_run_at)
             )
             oldest = first if oldest is None else min(oldest, first)
+    depths = _depths(config, sorted({q for q, _lv in table}))
     return {
         "database_time": now.isoformat(),
         "queues": [
-            {"queue": q, "level": lv, **counts, "broker_depth": _depth(config, q, lv)}
+            {"queue": q, "level": lv, **counts, "broker_depth": depths.get((q, lv))}
             for (q, lv), counts in sorted(table.items())
         ],
         "oldest_ready_age_seconds": (now - oldest).total_seconds() if oldest else 0.0,
     }
 
 
-def _depth(config: Config, queue: str, level: str) -> int | None:
-    if not config.uses_broker:
-        return None
-    from tomqueue.topology import Topology
-    from tomqueue.transport.amqp import connect
+def _depths(config: Config, queues: list[str]) -> dict[tuple[str, str], int]:
+    if not config.uses_broker or not queues:
+        return {}
+    from tomqueue.transport.amqp import queue_depths
 
-    connection = connect(config, "status")
-    try:
-        channel = connection.channel()
-        name = Topology.of(config).queue_name(queue, level)
-        return int(channel.queue_declare(name, passive=True).method.message_count)
-    except Exception:
-        return None
-    finally:
-        if connection.is_open:
-            connection.close()
+    found = queue_depths(config, list(queues))
+    return {(q or config.default_queue, lv): n for (q, lv), n in found.items()}
 
 
 def render(report: dict[str, Any]) -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, or_, select, update
+from sqlalchemy import Connection, func, or_, select, update
 
 from tomqueue.config import Config
 from tomqueue.db import db_now, get_engine, now_sql
@@ -29,12 +29,43 @@ log = logging.getLogger("tomqueue.sweeper")
 BATCH = 1000
 
 
+def backlogged_queues(conn: Connection, config: Config, now: datetime) -> list[str | None]:
+    """Queue sets whose broker queues hold at least as many messages as the database has
+    due, unlocked jobs for them: their notifications are presumably waiting in the broker,
+    so republishing would only pile duplicates onto a backlog. A lost notification there is
+    found once the backlog drains below the database's count."""
+    if not config.uses_broker:
+        return []
+    due = conn.execute(
+        select(Job.queue, func.count())
+        .where(Job.failed_at.is_(None), Job.locked_at.is_(None), Job.run_at <= now)
+        .group_by(Job.queue)
+    ).all()
+    if not due:
+        return []
+    from tomqueue.transport.amqp import queue_depths
+
+    depths = queue_depths(config, [queue for queue, _n in due])
+    per_set = {q: sum(d for (dq, _lv), d in depths.items() if dq == q) for q, _n in due}
+    return [queue for queue, n in due if per_set[queue] >= n]
+
+
 def _candidates(
-    conn: Connection, config: Config, everything: bool, after_id: int, now: datetime
+    conn: Connection,
+    config: Config,
+    everything: bool,
+    after_id: int,
+    now: datetime,
+    skip_queues: Sequence[str | None] = (),
 ) -> list[Notification]:
     query = select(Job.id, Job.version, Job.run_at, Job.priority, Job.queue, Job.handler).where(
         Job.failed_at.is_(None), Job.id > after_id, lock_is_free(now, config)
     )
+    named = [q for q in skip_queues if q is not None]
+    if named:
+        query = query.where(or_(Job.queue.is_(None), Job.queue.not_in(named)))
+    if None in skip_queues:
+        query = query.where(Job.queue.is_not(None))
     if not everything:
         quiet_since = now - timedelta(seconds=config.sweep_quiet)
         query = query.where(
@@ -49,14 +80,24 @@ def _candidates(
 
 
 def republish(
-    config: Config, everything: bool = False, echo: Callable[[str], None] | None = None
+    config: Config,
+    everything: bool = False,
+    echo: Callable[[str], None] | None = None,
+    skip_backlogged: bool = False,
 ) -> int:
-    """Publish notifications for jobs that may have none; return how many were sent."""
+    """Publish notifications for jobs that may have none; return how many were sent.
+
+    ``skip_backlogged`` (the periodic sweeper) leaves out queue sets whose broker queues
+    already hold as many messages as they have due jobs (see ``backlogged_queues``)."""
     engine, publisher = get_engine(config), get_publisher(config)
     sent, after_id = 0, 0
+    skip: list[str | None] = []
+    if skip_backlogged:
+        with engine.connect() as conn:
+            skip = backlogged_queues(conn, config, db_now(conn))
     while True:
         with engine.connect() as conn:
-            notes = _candidates(conn, config, everything, after_id, db_now(conn))
+            notes = _candidates(conn, config, everything, after_id, db_now(conn), skip)
         if not notes:
             break
         publisher.publish(notes)
@@ -101,7 +142,7 @@ class PeriodicSweeper:
             with engine.begin() as conn:
                 ttl = self.config.sweep_interval * 2
                 mine = try_acquire(conn, "sweeper", self.holder, ttl, db_now(conn))
-            return republish(self.config) if mine else 0
+            return republish(self.config, skip_backlogged=True) if mine else 0
         except Exception as exc:  # the next round tries again
             log.warning("sweep failed: %s", exc, extra={"action": "sweep_failed"})
             return 0

@@ -40,6 +40,7 @@ log = logging.getLogger("tomqueue.amqp")
 T = TypeVar("T")
 
 CLASSIC = {"x-queue-type": "classic"}
+READY_CHECK_INTERVAL = 0.05  # seconds between two "more urgent messages waiting?" checks
 
 
 def connect(config: Config, role: str) -> BlockingConnection:
@@ -212,6 +213,7 @@ class AmqpConsumer:
         self._buffer: list[Delivery] = []
         self._generation = 0
         self._cancelled = False
+        self._last_ready_check = 0.0
 
     # --- owner thread ----------------------------------------------------------------
 
@@ -273,7 +275,13 @@ class AmqpConsumer:
         return out
 
     def has_ready_above(self, level: str) -> bool:
+        """Asked before starting a less urgent job. Rate-limited: between checks, a more
+        urgent message that becomes ready is pushed to our own consumer at once anyway."""
         assert self._publish is not None
+        now = time.monotonic()
+        if now - self._last_ready_check < READY_CHECK_INTERVAL:
+            return False
+        self._last_ready_check = now
         for higher in self.levels[: self.levels.index(level)]:
             for queue in self.queue_sets:
                 ok = self._publish.channel.queue_declare(
@@ -319,8 +327,10 @@ class AmqpConsumer:
         return future.result(timeout=self.config.publish_timeout) if wait else None
 
     def ack(self, delivery: Delivery) -> None:
+        """Sent asynchronously: nothing waits for an ack (a lost one means a redelivery,
+        which the row's version and lock make harmless)."""
         if delivery.claim_ack():
-            self._call(lambda: self._ack_now(delivery))
+            self._call(lambda: self._ack_now(delivery), wait=False)
 
     def _ack_now(self, delivery: Delivery) -> None:
         if (
@@ -364,3 +374,26 @@ class AmqpConsumer:
         if connection is not None and connection.is_open:
             with contextlib.suppress(AMQPError):
                 connection.add_callback_threadsafe(lambda: None)
+
+
+def queue_depths(
+    config: Config, queue_sets: Sequence[str | None]
+) -> dict[tuple[str | None, str], int]:
+    """Ready messages per (queue set, level), by passive declares; missing queues: 0."""
+    topology = Topology.of(config)
+    connection = connect(config, "inspect")
+    depths: dict[tuple[str | None, str], int] = {}
+    try:
+        for queue in queue_sets:
+            for level, name, _key in topology.queues_of(queue):
+                channel = connection.channel()
+                try:
+                    ok = channel.queue_declare(name, passive=True)
+                    depths[(queue, level)] = ok.method.message_count
+                    channel.close()
+                except ChannelClosedByBroker:  # 404: the queue does not exist
+                    depths[(queue, level)] = 0
+    finally:
+        if connection.is_open:
+            connection.close()
+    return depths
