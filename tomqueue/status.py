@@ -10,11 +10,12 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Connection, case, func, select
 
 from tomqueue.config import Config
 from tomqueue.db import db_now, get_engine
-from tomqueue.schema import Job
+from tomqueue.leases import live_workers_since
+from tomqueue.schema import Job, WorkerRecord
 
 STATES = ("ready", "scheduled", "running", "failed")
 
@@ -34,6 +35,7 @@ def collect(config: Config) -> dict[str, Any]:
                 Job.queue, Job.priority, state.label("state"), func.count(), func.min(Job.run_at)
             ).group_by(Job.queue, Job.priority, state)
         ).all()
+        workers = _workers(conn, config, now)
     table: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(STATES, 0))
     oldest: datetime | None = None
     for queue, priority, st, count, first_run_at in rows:
@@ -53,7 +55,26 @@ def collect(config: Config) -> dict[str, Any]:
             for (q, lv), counts in sorted(table.items())
         ],
         "oldest_ready_age_seconds": (now - oldest).total_seconds() if oldest else 0.0,
+        "workers": workers,
     }
+
+
+def _workers(conn: Connection, config: Config, now: datetime) -> list[dict[str, Any]]:
+    rows = conn.execute(select(WorkerRecord).order_by(WorkerRecord.name)).scalars().all()
+    alive_since = live_workers_since(now, config)
+    return [
+        {
+            "name": w.name,
+            "host": w.host,
+            "pid": w.pid,
+            "queues": w.queues,
+            "started_at": w.started_at.isoformat(),
+            "last_seen_seconds_ago": round((now - w.last_seen).total_seconds(), 1),
+            "alive": w.last_seen >= alive_since,
+            "current_jobs": json.loads(w.current_jobs or "[]"),
+        }
+        for w in rows
+    ]
 
 
 def _depths(config: Config, queues: list[str]) -> dict[tuple[str, str], int]:
@@ -78,6 +99,14 @@ def render(report: dict[str, Any]) -> str:
             + f" {depth:>7}"
         )
     lines.append(f"oldest ready job waited {report['oldest_ready_age_seconds']:.1f} s")
+    lines.append("")
+    lines.append(f"{'worker':<40} {'queues':<20} {'seen':>6}  jobs")
+    for w in report["workers"]:
+        state = f"{w['last_seen_seconds_ago']:.0f}s" + ("" if w["alive"] else " DEAD")
+        jobs = ",".join(str(j) for j in w["current_jobs"]) or "-"
+        lines.append(f"{w['name']:<40} {w['queues']:<20} {state:>6}  {jobs}")
+    if not report["workers"]:
+        lines.append("(no workers registered)")
     return "\n".join(lines)
 
 
