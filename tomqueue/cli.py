@@ -116,7 +116,7 @@ def _supervise(args: argparse.Namespace) -> int:
 def cmd_deferred(args: argparse.Namespace) -> int:
     from deferred.manager import main as deferred_main
 
-    return int(deferred_main([]))
+    return int(deferred_main((["-v"] if args.verbose else []) + args.options))
 
 
 def cmd_republish(args: argparse.Namespace) -> int:
@@ -168,7 +168,15 @@ def parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on 127.0.0.1:PORT (with -n, PORT+i)",
     )
     w.set_defaults(func=cmd_worker)
-    sub.add_parser("deferred", help="run the deferred manager").set_defaults(func=cmd_deferred)
+    d = sub.add_parser(
+        "deferred", help="run the deferred manager (options: see python -m deferred --help)"
+    )
+    d.add_argument(
+        "options",
+        nargs=argparse.REMAINDER,
+        help="--refresh-interval SECONDS, --stats-interval SECONDS",
+    )
+    d.set_defaults(func=cmd_deferred)
     r = sub.add_parser("republish", help="publish notifications again for due jobs")
     r.add_argument("--all", action="store_true", help="every unfailed, unlocked job")
     r.set_defaults(func=cmd_republish)

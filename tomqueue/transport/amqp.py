@@ -57,9 +57,9 @@ def connect(config: Config, role: str) -> BlockingConnection:
     try:
         return BlockingConnection(params)
     except AMQPError as exc:
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise BrokerUnavailable(
-            f"cannot connect to the broker at {redact_url(config.amqp_url)}: "
-            f"{type(exc).__name__} {exc}"
+            f"cannot connect to the broker at {redact_url(config.amqp_url)}: {detail}"
         ) from None
     except OSError as exc:
         raise BrokerUnavailable(

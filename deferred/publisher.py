@@ -1,0 +1,126 @@
+"""Publishing with many publisher confirms in flight on one channel.
+
+``BlockingChannel.basic_publish`` in confirm mode waits for each confirm before the next
+publish: about 800 publishes/s. The manager must release thousands of jobs due in the same
+second, so this publisher keeps up to a window of publishes unconfirmed and settles them as
+the broker's ``basic.ack`` / ``basic.nack`` frames arrive (3-5k/s).
+
+It drives pika's asynchronous channel underneath a ``BlockingChannel`` (``channel._impl``):
+pika's blocking adapter has no public pipelined-confirm API. Callbacks run inside pika's I/O
+loop, so they only record results; the owner acts on them after ``process_data_events``.
+
+A publish succeeds when the broker acks it and did not return it (``mandatory``): a returned
+message is matched to its ack by (exchange, routing key, body) — identical messages are
+interchangeable. Nacks, returns and confirms that never come are failures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from itertools import takewhile
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+from tomqueue.errors import PublishError
+
+InFlight = tuple[int, float, str, str, bytes]  # (delivery tag, sent at, exchange, key, body)
+
+
+def _noop() -> None:
+    return None
+
+
+class PipelinedPublisher:
+    """A confirm-mode channel with unconfirmed publishes in flight (owner thread only)."""
+
+    def __init__(self, connection: BlockingConnection, timeout: float) -> None:
+        self.timeout = timeout
+        self._connection = connection
+        self.channel: BlockingChannel = connection.channel()
+        self._impl: Any = self.channel._impl  # pika's asynchronous Channel
+        self._seq = 0
+        self._in_flight: dict[int, InFlight] = {}
+        self._returned: Counter[tuple[str, str, bytes]] = Counter()
+        self._confirmed: list[int] = []
+        self._failures: list[str] = []
+        self._woken = False
+        self._impl.add_on_return_callback(self._on_return)
+        self._enable_confirms()
+
+    def _enable_confirms(self) -> None:
+        ready: list[bool] = []
+        self._impl.confirm_delivery(
+            ack_nack_callback=self._on_confirm, callback=lambda _frame: ready.append(True)
+        )
+        deadline = time.monotonic() + self.timeout
+        while not ready:
+            if time.monotonic() > deadline or not self.channel.is_open:
+                raise PublishError("the broker did not enable publisher confirms in time")
+            self._connection.process_data_events(0.01)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def send(
+        self, exchange: str, key: str, body: bytes, props: pika.BasicProperties, tag: int
+    ) -> None:
+        """Publish (mandatory); ``tag`` comes back from ``take_confirmed`` once confirmed."""
+        self._impl.basic_publish(exchange, key, body, props, mandatory=True)
+        self._seq += 1
+        self._in_flight[self._seq] = (tag, time.monotonic(), exchange, key, body)
+
+    def take_confirmed(self) -> list[int]:
+        """Delivery tags of the publishes confirmed since the last call."""
+        confirmed, self._confirmed = self._confirmed, []
+        self.rearm()
+        return confirmed
+
+    def rearm(self) -> None:
+        """Let the next confirm end the owner's ``process_data_events`` wait early."""
+        self._woken = False
+
+    def take_failures(self) -> list[str]:
+        failures, self._failures = self._failures, []
+        return failures
+
+    def overdue(self, now: float) -> bool:
+        """True if the oldest unconfirmed publish has waited longer than ``timeout``."""
+        for _tag, sent_at, *_rest in self._in_flight.values():
+            return now - sent_at > self.timeout
+        return False
+
+    # --- pika I/O-loop callbacks: record only ---------------------------------------------
+
+    def _on_return(self, _channel: Any, method: Any, _props: Any, body: bytes) -> None:
+        self._returned[(method.exchange, method.routing_key, body)] += 1
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        seqs = [method.delivery_tag]
+        if method.multiple:  # seqs are in publish order: stop at the first one above
+            seqs = list(takewhile(lambda s: s <= method.delivery_tag, self._in_flight))
+        for seq in seqs:
+            item = self._in_flight.pop(seq, None)
+            if item is not None:
+                self._settle(item, acked)
+        if not self._woken:  # end the owner's process_data_events wait early
+            self._woken = True
+            self._connection.add_callback_threadsafe(_noop)
+
+    def _settle(self, item: InFlight, acked: bool) -> None:
+        tag, _sent_at, exchange, key, body = item
+        route = (exchange, key, body)
+        if self._returned[route] > 0:
+            self._returned[route] -= 1
+            if self._returned[route] == 0:
+                del self._returned[route]
+            self._failures.append(f"returned as unroutable by {exchange!r} with key {key!r}")
+        elif not acked:
+            self._failures.append(f"nacked by the broker ({exchange!r}, key {key!r})")
+        else:
+            self._confirmed.append(tag)
