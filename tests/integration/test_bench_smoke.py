@@ -1,0 +1,65 @@
+"""The benchmark harness cannot rot: ``python -m bench --quick --db postgresql --only W1``
+runs end to end (our worker, the Delayed::Job-style baseline, RabbitMQ) and writes its JSON.
+
+It uses the test database and a private broker prefix, and removes its queues at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AMQP_URL, POSTGRES_URL, REPO_ROOT
+
+pytestmark = pytest.mark.amqp
+
+
+def run_bench(output: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOMQUEUE_")}
+    env.update(
+        TOMQUEUE_BENCH_POSTGRES_URL=POSTGRES_URL,
+        TOMQUEUE_BENCH_AMQP_URL=AMQP_URL,
+        PYTHONUNBUFFERED="1",
+    )
+    argv = [sys.executable, "-m", "bench", "--output", str(output), *args]
+    return subprocess.run(
+        argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+
+
+def test_quick_w1_on_postgresql_writes_the_json(tmp_path: Path) -> None:
+    output = tmp_path / "latest.json"
+    prefix = f"benchsmoke{uuid.uuid4().hex[:8]}"
+    done = run_bench(
+        output, "--quick", "--db", "postgresql", "--only", "W1", "--prefix", prefix
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    data = json.loads(output.read_text())
+    assert {"meta", "options", "references", "results", "targets"} <= set(data)
+    assert data["meta"]["machine"]["nproc"] >= 1
+    assert set(data["results"]) == {"postgresql"}
+    w1 = data["results"]["postgresql"]["W1"]
+    assert "error" not in w1, w1
+    for side in ("ours", "baseline"):
+        assert w1[side]["enqueue_per_s"] > 0
+        assert w1[side]["processed_per_s"] > 0
+    assert w1["ours"]["bulk"]["available"] in (True, False)
+    assert w1["ratio_processed"] > 0
+    names = {t["name"] for t in data["targets"]}
+    assert {"W1 processed/s vs DJ", "W1 enqueue/s (confirms)"} <= names
+    assert {t["status"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
+    assert "processed/s" in done.stdout and "Targets:" in done.stdout
+    assert "password" not in done.stdout.lower()
+
+
+def test_bad_selection_is_a_clear_error(tmp_path: Path) -> None:
+    done = run_bench(tmp_path / "x.json", "--only", "W9")
+    assert done.returncode != 0
+    assert "--only: expected some of W1, W2, W3, W4" in done.stderr

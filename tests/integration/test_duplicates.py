@@ -1,0 +1,78 @@
+"""Must-show 3: duplicate notifications never run a job twice.
+
+The same notification body is published 10 times straight to ``<prefix>.work`` with routing
+key ``balance.normal`` and consumed by 3 workers at once: the job is performed once, every
+copy is acknowledged, nothing is left in the queue.
+"""
+
+from __future__ import annotations
+
+import tomqueue
+from tests import ledger
+from tests.conftest import (
+    AMQP_STACKS,
+    Stack,
+    WorkerThread,
+    declare_topology,
+    drain_queue,
+    job_count,
+    on_stacks,
+    publish_raw,
+    queue_depth,
+    wait_until,
+)
+from tests.jobs import Record, Sleepy
+from tomqueue.enqueue import notification
+
+HANDLED = ("succeeded", "skipped_locked", "skipped_missing", "skipped_stale", "skipped_early")
+
+
+@on_stacks(*AMQP_STACKS)
+def test_ten_copies_of_a_notification_run_the_job_once(stack: Stack, ledger_path: str) -> None:
+    config = stack.config.replace(read_ahead=1)
+    declare_topology(config)
+    job = tomqueue.enqueue(Sleepy(ledger_path, "dup", seconds=0.3))
+    normal = f"{config.prefix}.balance.normal"
+    assert len(drain_queue(config, normal)) == 1  # the enqueue's own notification
+    body = notification(job).encode()
+
+    workers = [WorkerThread(config, threads=2).start() for _ in range(3)]
+    try:
+        wait_until(lambda: queue_depth(config, normal)[1] == 3, 20, "3 consumers on the queue")
+        publish_raw(config, body, times=10, headers=notification(job).headers("normal"))
+
+        def handled() -> int:
+            return sum(w.counters.get(k, 0) for w in workers for k in HANDLED)
+
+        wait_until(lambda: handled() >= 10, 30, "all 10 copies handled")
+    finally:
+        for w in workers:
+            w.stop()
+        codes = [w.join(30) for w in workers]
+
+    assert codes == [0, 0, 0]
+    assert ledger.counts(ledger_path, "start") == {"dup": 1}
+    assert ledger.counts(ledger_path) == {"dup": 1}
+    assert job_count(config) == 0
+    assert sum(w.counters.get("succeeded", 0) for w in workers) == 1
+    assert queue_depth(config, normal)[0] == 0  # every copy was acked
+    # Work was really spread: more than one worker saw a copy.
+    assert sum(1 for w in workers if any(w.counters.get(k) for k in HANDLED)) >= 2
+    assert not any(w.counters.get("internal_error") for w in workers)
+
+
+@on_stacks(*AMQP_STACKS)
+def test_duplicates_published_before_the_workers_start(stack: Stack, ledger_path: str) -> None:
+    """Copies already queued when workers connect (a backlog of duplicates)."""
+    config = stack.config
+    declare_topology(config)
+    job = tomqueue.enqueue(Record(ledger_path, "backlog"))
+    publish_raw(config, notification(job).encode(), times=9)
+
+    workers = [WorkerThread(config, threads=2, exit_on_complete=True).start() for _ in range(3)]
+    codes = [w.join(30) for w in workers]
+
+    assert codes == [0, 0, 0]
+    assert ledger.counts(ledger_path) == {"backlog": 1}
+    assert job_count(config) == 0
+    assert queue_depth(config, f"{config.prefix}.balance.normal")[0] == 0

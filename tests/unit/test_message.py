@@ -1,0 +1,107 @@
+"""The wire format: decode() turns any body into a Notification or a MessageError."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from tomqueue import MessageError
+from tomqueue.message import CONTENT_TYPE, MAX_BODY_BYTES, Notification, decode
+
+WHEN = datetime(2024, 5, 6, 7, 8, 9, 123456)
+
+
+def test_encode_matches_the_contract() -> None:
+    note = Notification(42, 7, WHEN, priority=-1, queue="mail", kind="tests.jobs:Record")
+    assert json.loads(note.encode()) == {
+        "delayed_job_id": 42,
+        "delayed_job_digest": "7",
+        "run_at": "2024-05-06T07:08:09.123456+00:00",
+    }
+    assert CONTENT_TYPE == "application/json"
+    headers = note.headers("high")
+    assert headers == {
+        "job_id": 42,
+        "job_class": "tests.jobs:Record",
+        "priority": -1,
+        "priority_level": "high",
+        "queue": "mail",
+    }
+
+
+def test_round_trip_with_headers() -> None:
+    note = Notification(42, 7, WHEN, priority=-1, queue="mail", kind="tests.jobs:Record")
+    assert decode(note.encode(), note.headers("high")) == note
+
+
+def test_default_queue_header_decodes_to_none() -> None:
+    note = Notification(1, 1, WHEN)
+    assert decode(note.encode(), note.headers("normal")).queue is None
+
+
+def test_offset_run_at_is_converted_to_naive_utc() -> None:
+    body = (
+        b'{"delayed_job_id": 1, "delayed_job_digest": "3", "run_at": "2024-05-06T09:08:09+02:00"}'
+    )
+    note = decode(body)
+    assert note.run_at == datetime(2024, 5, 6, 7, 8, 9) and note.run_at.tzinfo is None
+    assert note.version == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe\x00garbage", "not JSON"),
+        (b"", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'"string"', "not a JSON object"),
+        (b'{"delayed_job_digest": "1", "run_at": "2024-01-01T00:00:00"}', "delayed_job_id"),
+        (
+            b'{"delayed_job_id": 0, "delayed_job_digest": "1", "run_at": "2024-01-01T00:00:00"}',
+            "positive integer",
+        ),
+        (
+            b'{"delayed_job_id": -5, "delayed_job_digest": "1", "run_at": "2024-01-01T00:00:00"}',
+            "positive integer",
+        ),
+        (
+            b'{"delayed_job_id": true, "delayed_job_digest": "1", "run_at": "2024-01-01T00:00:00"}',
+            "positive integer",
+        ),
+        (
+            b'{"delayed_job_id": "7", "delayed_job_digest": "1", "run_at": "2024-01-01T00:00:00"}',
+            "positive integer",
+        ),
+        (b'{"delayed_job_id": 7, "run_at": "2024-01-01T00:00:00"}', "delayed_job_digest"),
+        (
+            b'{"delayed_job_id": 7, "delayed_job_digest": "abc", "run_at": "2024-01-01T00:00:00"}',
+            "version number",
+        ),
+        (b'{"delayed_job_id": 7, "delayed_job_digest": "1"}', "run_at"),
+        (b'{"delayed_job_id": 7, "delayed_job_digest": "1", "run_at": "tomorrow"}', "ISO-8601"),
+        (b'{"delayed_job_id": 7, "delayed_job_digest": "1", "run_at": 17}', "ISO-8601"),
+        (b"{" + b" " * MAX_BODY_BYTES + b"}", "exceeds"),
+    ],
+)
+def test_malformed_bodies_raise_message_error(body: bytes, match: str) -> None:
+    with pytest.raises(MessageError, match=match):
+        decode(body)
+
+
+def test_hostile_headers_are_ignored_not_trusted() -> None:
+    note = Notification(5, 1, WHEN)
+    decoded = decode(note.encode(), {"priority": "urgent", "queue": None, "job_class": 12})
+    assert decoded.priority == 0 and decoded.queue is None and decoded.kind == "12"
+
+
+@pytest.mark.xfail(
+    reason="BUG: message.decode catches only UnicodeDecodeError/ValueError; a deeply "
+    "nested JSON body under the 4 KiB limit raises RecursionError (a poison message)",
+    strict=True,
+)
+def test_deeply_nested_body_raises_message_error() -> None:
+    with pytest.raises(MessageError):
+        decode(b"[" * 3000)
