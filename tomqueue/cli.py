@@ -65,8 +65,13 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
     return argv
 
 
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM if the supervising parent dies (Linux), never orphaned."""
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _child_setup() -> None:
+    """In a new child: take TERM/INT again (the parent blocks them while it spawns) and get
+    SIGTERM if the supervising parent dies (Linux), so a child is never orphaned."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         import ctypes
 
@@ -78,39 +83,49 @@ def _die_with_parent() -> None:
 def _spawn(args: argparse.Namespace, index: int) -> subprocess.Popen[bytes]:
     # Own session: a TERM sent to the parent's process group (supervisord stopasgroup) must
     # reach each child once, through the parent, or the child would see a "second signal".
-    return subprocess.Popen(
-        _child_argv(args, index), start_new_session=True, preexec_fn=_die_with_parent
-    )
+    # TERM/INT are blocked meanwhile, so a signal cannot slip between spawn and bookkeeping.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return subprocess.Popen(
+            _child_argv(args, index), start_new_session=True, preexec_fn=_child_setup
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _exit_status(code: int, signalled: bool) -> int:
+    """A child's exit as a shell would report it; 0 for a stop we asked for."""
+    if signalled and code in (0, -signal.SIGTERM, -signal.SIGINT, 130, 143):
+        return 0
+    return 128 - code if code < 0 else code
 
 
 def _supervise(args: argparse.Namespace) -> int:
     """``-n N``: run N single-process workers, restart any that die, forward signals."""
     children = [_spawn(args, i) for i in range(args.processes)]
-    signals = {"count": 0}
+    received: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        signals["count"] += 1
+        received.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    status = 0
-    while any(c.poll() is None for c in children) or not (
-        signals["count"] or args.exit_on_complete
-    ):
+    while True:
         for i, child in enumerate(children):
             code = child.poll()
-            if code is None:
-                continue
-            if not signals["count"] and (code != 0 or not args.exit_on_complete):
+            if code is not None and not received and (code != 0 or not args.exit_on_complete):
                 log.warning("worker pid %s exited with %s; starting another", child.pid, code)
                 children[i] = _spawn(args, i)
-            elif code != 0:
-                status = code
-        time.sleep(0.2)
-    return status
+                for signum in received:  # a signal that came during the spawn
+                    children[i].send_signal(signum)
+        if all(c.poll() is not None for c in children) and (received or args.exit_on_complete):
+            break
+        time.sleep(0.1)
+    statuses = [_exit_status(c.wait(), bool(received)) for c in children]
+    return next((s for s in statuses if s), 0)
 
 
 def cmd_deferred(args: argparse.Namespace) -> int:
@@ -199,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.DEBUG if args.verbose else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
         )
-        logging.getLogger("pika").setLevel(logging.WARNING)
+        # tomqueue logs its own clear line for broker trouble; pika's tracebacks add noise
+        logging.getLogger("pika").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
         return int(args.func(args))
     except TomQueueError as exc:

@@ -103,6 +103,17 @@ class Config:
         values.update(overrides)
         return cls(**values)
 
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={redact_url(getattr(self, f.name))!r}"
+            if f.name in ("database_url", "amqp_url")
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"Config({shown})"
+
+    __str__ = __repr__
+
     def replace(self, **changes: Any) -> Config:
         return replace(self, **changes)
 
@@ -147,6 +158,10 @@ def _require(ok: bool, name: str, constraint: str, value: Any) -> None:
         raise ConfigError(f"{name} {constraint}, got {value!r}")
 
 
+def _seconds(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
 def _validate(c: Config) -> None:
     _require(
         isinstance(c.database_url, str)
@@ -168,6 +183,10 @@ def _validate(c: Config) -> None:
         "must be 1-100 letters, digits, '_', '.' or '-'",
         c.prefix,
     )
+    for name in ("destroy_failed_jobs", "delay_jobs"):
+        _require(
+            isinstance(getattr(c, name), bool), name, "must be True or False", getattr(c, name)
+        )
     for name in ("max_attempts", "read_ahead", "max_crashes"):
         value = getattr(c, name)
         _require(
@@ -194,10 +213,10 @@ def _validate(c: Config) -> None:
         "sweep_quiet",
     ):
         value = getattr(c, name)
-        _require(isinstance(value, int | float) and value > 0, name, "must be > 0 seconds", value)
+        _require(_seconds(value) and value > 0, name, "must be > 0 seconds", value)
     for name in ("run_at_tolerance", "stop_grace", "timeout_grace"):
         value = getattr(c, name)
-        _require(isinstance(value, int | float) and value >= 0, name, "must be >= 0 seconds", value)
+        _require(_seconds(value) and value >= 0, name, "must be >= 0 seconds", value)
     _require(
         c.lease_timeout >= 3 * c.heartbeat_interval,
         "lease_timeout",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 from collections.abc import Collection
 from datetime import date, datetime
@@ -21,6 +22,7 @@ from typing import Any
 from tomqueue.errors import HandlerError, SerializationError
 
 _TAG = "__tq__"
+_KIND_PREFIX = re.compile(r'\{"kind":"([A-Za-z0-9_.:]{1,512})"')
 _MAX_DEPTH = 32
 ALWAYS_ALLOWED = frozenset({"tomqueue.delay"})
 
@@ -47,23 +49,38 @@ def dump(payload: object) -> str:
 
 
 def handler_kind(handler: str) -> str:
-    """The kind a stored handler names, without loading it ('<malformed>' if unreadable)."""
+    """The kind a stored handler names, without loading it ('<malformed>' if unreadable).
+
+    Handlers we write start with their kind, so a prefix match answers without parsing a
+    large handler; anything else is parsed (and may be hostile: never raises)."""
+    match = _KIND_PREFIX.match(handler)
+    if match:
+        return match.group(1)
     try:
         kind = json.loads(handler).get("kind")
-    except (ValueError, AttributeError):
+    except Exception:
         return "<malformed>"
     return kind if isinstance(kind, str) else "<malformed>"
 
 
 def load(handler: str, allowed_modules: Collection[str]) -> Any:
-    """Rebuild the payload object; ``HandlerError`` if malformed or not allowed."""
+    """Rebuild the payload object; ``HandlerError`` if malformed or not allowed.
+
+    Whatever goes wrong while rebuilding (a missing attribute, absurd nesting, a class whose
+    ``__setstate__`` raises) is a ``HandlerError``: the job fails, the worker carries on."""
     try:
         body = json.loads(handler)
+        if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
+            raise HandlerError("handler must be a JSON object with a string 'kind'")
+        return _build(body, allowed_modules, 0)
+    except HandlerError:
+        raise
+    except RecursionError:
+        raise HandlerError("handler is nested too deeply") from None
     except (ValueError, TypeError) as exc:
         raise HandlerError(f"handler is not valid JSON: {exc}") from None
-    if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
-        raise HandlerError("handler must be a JSON object with a string 'kind'")
-    return _build(body, allowed_modules, 0)
+    except Exception as exc:
+        raise HandlerError(f"handler cannot be rebuilt: {type(exc).__name__}: {exc}") from None
 
 
 # --- encoding ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def decode(body: bytes, headers: dict[str, Any] | None = None) -> Notification:
         raise MessageError(f"message body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise MessageError(f"message body is not JSON: {body[:80]!r}") from None
     if not isinstance(data, dict):
         raise MessageError(f"message body is not a JSON object: {body[:80]!r}")

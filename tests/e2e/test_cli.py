@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import REPO_ROOT, Stack, WorkerProcess, on_stacks, wait_until, worker_env
 
 PASSWORD = "Sup3r-S3cret-pw"
@@ -94,13 +92,6 @@ def test_unreachable_broker_is_retried_with_a_password_free_url(
 
 
 @on_stacks(("sqlite", "amqp"))
-@pytest.mark.xfail(
-    reason="BUG: cli.main lowers pika's logger to WARNING only; pika logs every failed "
-    "connection attempt at ERROR with a full traceback ('Error in _create_connection()'), "
-    "so an unreachable broker floods the worker log with tracebacks instead of the one "
-    "clear 'cannot connect ... retrying' line the contract asks for",
-    strict=True,
-)
 def test_unreachable_broker_log_has_no_traceback(
     stack: Stack, tmp_path: Path, worker_processes: list[WorkerProcess]
 ) -> None:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 from sqlalchemy import select, text
 
 import tomqueue
@@ -186,14 +185,6 @@ def test_idle_worker_picks_up_new_jobs_then_stops_on_term(
 
 
 @on_stacks(("postgresql", "amqp"))
-@pytest.mark.xfail(
-    reason="BUG: cli._supervise races with a child restart: (a) a TERM handled while "
-    "_spawn() runs is forwarded to the old, dead Popen still in children[i], the new child "
-    "never gets it and the supervisor waits forever; (b) a child still importing when the "
-    "TERM reaches it dies by the signal (returncode -15) and the supervisor exits with "
-    "sys.exit(-15) = 241 instead of 0",
-    strict=True,
-)
 def test_term_while_a_restarted_child_starts_exits_0(
     stack: Stack, ledger_path: str, tmp_path: Path, worker_processes: list[WorkerProcess]
 ) -> None:

@@ -91,13 +91,6 @@ def test_stale_unknown_and_non_json_messages_are_acked_and_logged(
 
 
 @on_stacks(("mysql", "amqp"))  # the decoder does not depend on the database
-@pytest.mark.xfail(
-    reason="BUG: message.decode() catches only UnicodeDecodeError/ValueError; a deeply "
-    "nested JSON body (under the 4 KiB limit) raises RecursionError, which escapes to the "
-    "error-handling layer: the delivery is requeued after a 1 s sleep, forever (a poison "
-    "message) instead of being acked as malformed",
-    strict=True,
-)
 def test_deeply_nested_json_body_is_dropped_as_malformed(stack: Stack, ledger_path: str) -> None:
     config = stack.config
     declare_topology(config)
@@ -174,14 +167,6 @@ POISON_HANDLERS = {
 
 @on_stacks(("sqlite", "polling"), ("postgresql", "amqp"))  # bounded cost while it fails
 @pytest.mark.parametrize("case", list(POISON_HANDLERS))
-@pytest.mark.xfail(
-    reason="BUG: handler.load() lets AttributeError (a 'method' tag naming a missing "
-    "attribute) and RecursionError (deep JSON) escape instead of raising HandlerError; "
-    "db_lock._load_payload catches only HandlerError, so the exception reaches the "
-    "error-handling layer after the row was locked: the job is never failed, stays locked "
-    "and its delivery is requeued, then skipped as 'locked' while the worker lives",
-    strict=True,
-)
 def test_handler_that_breaks_the_decoder_fails_the_job(
     stack: Stack, ledger_path: str, case: str
 ) -> None:
@@ -218,14 +203,6 @@ def test_non_utf8_and_large_arguments_arrive_unchanged(stack: Stack, ledger_path
     assert job_count(stack.config) == 0
 
 
-@pytest.mark.xfail(
-    reason="BUG (security): work_off() without imports= allows every module in "
-    "sys.modules (process.py: `frozenset(sys.modules)`), so a handler naming e.g. "
-    "subprocess:run through tomqueue.delay:PerformableMethod runs a command; work_off is "
-    "Delayed::Job's production entry point (jobs:workoff), it must default to the "
-    "modules the caller names, like --import",
-    strict=True,
-)
 def test_work_off_does_not_run_handlers_naming_arbitrary_modules(
     sqlite_config: tomqueue.Config, ledger_path: str, tmp_path: Path
 ) -> None:

@@ -191,16 +191,6 @@ def test_named_queue_is_routed_to_its_own_queue_set(stack: Stack, ledger_path: s
 def test_named_queue_jobs_are_worked_by_queue_workers_only(
     stack: Stack, ledger_path: str, request: pytest.FixtureRequest
 ) -> None:
-    if stack.transport == "polling":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="BUG: PollingConsumer with no --queue applies no queue filter "
-                "(transport/polling.py due_jobs_query: `if queues:`), so a default worker "
-                "runs every named queue's jobs; AmqpConsumer and the CLI help say the "
-                "default is the default queue only",
-                strict=True,
-            )
-        )
     config = stack.config
     tomqueue.enqueue(Mailer(ledger_path, "mail"))
     tomqueue.enqueue(Record(ledger_path, "default"))
@@ -218,15 +208,6 @@ def test_min_and_max_priority_limit_what_a_worker_runs(
     stack: Stack, ledger_path: str, request: pytest.FixtureRequest
 ) -> None:
     """``tomqueue worker --min-priority P --max-priority P`` (Delayed::Job's flags)."""
-    if stack.transport == "amqp":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="BUG: transport.make_consumer drops priority_range for AMQP "
-                "(AmqpConsumer(config, queues)), so --min-priority/--max-priority are "
-                "silently ignored when a broker is configured",
-                strict=True,
-            )
-        )
     config = stack.config
     for priority in (-5, 0, 5, 10):
         tomqueue.enqueue(Record(ledger_path, f"p{priority}"), priority=priority)

@@ -97,11 +97,6 @@ def test_failed_attempt_is_rescheduled_with_backoff(stack: Stack, ledger_path: s
 
 
 @on_stacks(*AMQP_STACKS)
-@pytest.mark.xfail(
-    reason="BUG: work_off() records retries through a PollingConsumer whose publish() only "
-    "wakes local pollers, so on a broker config the retry notification is never published",
-    strict=True,
-)
 def test_work_off_publishes_the_retry_notification(stack: Stack, ledger_path: str) -> None:
     """work_off is a worker too: a retry's new notification must reach the broker, or the
     job waits for a sweep although nothing failed."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from sqlalchemy import select
 
 import tomqueue
@@ -53,12 +52,6 @@ def test_job_past_max_run_time_is_stopped_and_counted(stack: Stack, ledger_path:
 
 
 @on_stacks(*STACKS)
-@pytest.mark.xfail(
-    reason="BUG: Worker._needs_restart() is `abandoned_threads >= threads`, but timeout.py "
-    "documents a restart only for *more* abandoned threads than job threads: one stubborn "
-    "job makes a single-threaded worker exit with status 3 instead of running the next job",
-    strict=True,
-)
 def test_job_ignoring_the_interruption_is_still_counted(stack: Stack, ledger_path: str) -> None:
     """The job swallows JobTimeout (``except Exception`` in a loop) for longer than
     ``timeout_grace``: its thread is abandoned, the attempt is recorded as failed, and the
@@ -92,13 +85,6 @@ def test_job_ignoring_the_interruption_with_spare_threads(stack: Stack, ledger_p
 
 
 @on_stacks(("sqlite", "polling"))
-@pytest.mark.xfail(
-    reason="BUG: timeout._interrupt raises the bare JobTimeout class in the job thread, so "
-    "when the job lets it propagate, invoke records last_error 'JobTimeout: ' with no "
-    "message; the explanatory _timeout_text ('execution expired ... max_run_time') is "
-    "used only when the job produced no outcome",
-    strict=True,
-)
 def test_timeout_last_error_explains_max_run_time(stack: Stack, ledger_path: str) -> None:
     slow = tomqueue.enqueue(Slow(ledger_path, "slow", seconds=30))
 

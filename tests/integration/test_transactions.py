@@ -22,19 +22,6 @@ from tomqueue.db import get_engine
 from tomqueue.message import decode
 from tomqueue.transport import get_publisher
 
-SESSION_BUG = pytest.mark.xfail(
-    reason="BUG: aftercommit._take_session calls event.remove() from inside the "
-    "after_commit/after_rollback dispatch: Session.commit()/rollback() raise "
-    "RuntimeError('deque mutated during iteration') and leave the session unusable",
-    strict=True,
-)
-CONNECTION_BUG = pytest.mark.xfail(
-    reason="BUG: aftercommit keys pending callbacks by id(raw DBAPI connection) but "
-    "Dialect.do_commit receives the pool's proxied connection: the notification of a job "
-    "enqueued with connection=... is never published",
-    strict=True,
-)
-
 
 class Published:
     """What the enqueue side handed to the transport, plus (AMQP) what reached the queue."""
@@ -74,7 +61,6 @@ def published(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Publish
     yield spy
 
 
-@SESSION_BUG
 def test_session_rollback_publishes_nothing(
     stack: Stack, published: Published, ledger_path: str
 ) -> None:
@@ -89,7 +75,6 @@ def test_session_rollback_publishes_nothing(
     assert published.in_queue() == [kept_id]
 
 
-@SESSION_BUG
 def test_session_commit_publishes_exactly_once(
     stack: Stack, published: Published, ledger_path: str
 ) -> None:
@@ -116,7 +101,6 @@ def test_connection_rollback_publishes_nothing(
     assert published.in_queue() == []
 
 
-@CONNECTION_BUG
 def test_connection_commit_publishes_exactly_once(
     stack: Stack, published: Published, ledger_path: str
 ) -> None:
@@ -131,12 +115,6 @@ def test_connection_commit_publishes_exactly_once(
     assert published.in_queue() == [job.id]
 
 
-@pytest.mark.xfail(
-    reason="BUG: Session.commit() raises RuntimeError (see SESSION_BUG); and aftercommit "
-    "keeps one flat pending list per session, so a rolled-back SAVEPOINT can neither drop "
-    "only its own callbacks nor keep the outer ones",
-    strict=True,
-)
 def test_session_savepoint_rollback_publishes_nothing(
     stack: Stack, published: Published, ledger_path: str
 ) -> None:
@@ -213,7 +191,6 @@ def _assert_exactly_committed(
     assert len(rolled_back) == 48
 
 
-@SESSION_BUG
 def test_concurrent_sessions_publish_each_committed_job_once(
     stack: Stack, published: Published, ledger_path: str
 ) -> None:
@@ -221,7 +198,6 @@ def test_concurrent_sessions_publish_each_committed_job_once(
     _assert_exactly_committed(stack, published, committed, rolled_back)
 
 
-@CONNECTION_BUG
 def test_concurrent_connections_publish_each_committed_job_once(
     stack: Stack, published: Published, ledger_path: str
 ) -> None:

@@ -71,12 +71,6 @@ def test_invalid_field_names_the_field_and_constraint(
     ("field", "value"),
     [("delay_jobs", "false"), ("destroy_failed_jobs", "yes"), ("max_run_time", True)],
 )
-@pytest.mark.xfail(
-    reason="BUG: config._validate does not check the boolean fields (delay_jobs, "
-    "destroy_failed_jobs) and accepts a bool where seconds are expected: "
-    "Config(delay_jobs='false') silently keeps delaying jobs",
-    strict=True,
-)
 def test_wrongly_typed_flags_are_rejected(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         Config(**{field: value})  # type: ignore[arg-type]
@@ -105,12 +99,6 @@ def test_describe_hides_passwords() -> None:
     assert "app:***@db" in text and "app:***@mq" in text
 
 
-@pytest.mark.xfail(
-    reason="BUG: Config is a plain dataclass, so repr()/str() print database_url and "
-    "amqp_url with their passwords (pytest failure output, log lines with %r, error "
-    "reporters); override __repr__ to use redact_url",
-    strict=True,
-)
 def test_repr_hides_passwords() -> None:
     config = Config(
         database_url="postgresql+psycopg://app:pg-s3cret@db/app",

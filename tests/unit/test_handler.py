@@ -236,11 +236,6 @@ def test_load_does_not_call_init() -> None:
     ],
     ids=["missing-method", "deep-json"],
 )
-@pytest.mark.xfail(
-    reason="BUG: handler.load lets AttributeError (method tag naming a missing attribute) "
-    "and RecursionError (deeply nested JSON) escape instead of raising HandlerError",
-    strict=True,
-)
 def test_load_raises_only_handler_error(handler: str) -> None:
     with pytest.raises(HandlerError):
         load(handler, ALLOWED)

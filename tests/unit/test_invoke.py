@@ -135,13 +135,6 @@ def test_format_error_is_bounded() -> None:
     assert text.startswith("ValueError: word word")
 
 
-@pytest.mark.xfail(
-    reason="BUG: outcome.redact's _URL_PASSWORD regex backtracks quadratically on a long "
-    "run of [A-Za-z0-9+.-] (a base64 blob, hex dump or token in an exception message), "
-    "and format_error redacts *before* truncating to MAX_ERROR_CHARS: a 25 KB token takes "
-    "~1 s, 200 KB ~66 s, during which the job's outcome is not recorded",
-    strict=True,
-)
 def test_format_error_is_fast_for_a_long_token() -> None:
     started = time.monotonic()
     format_error(ValueError("A" * 25_000))
@@ -177,12 +170,6 @@ def test_redact_keeps_urls_without_password() -> None:
     assert redact("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
 
 
-@pytest.mark.xfail(
-    reason="BUG: invoke.failure_outcome logs 'job %s failed (attempt %s): %s' with the raw "
-    "exception, so a password inside an exception message reaches the worker log even "
-    "though last_error is redacted; log the redacted first line instead",
-    strict=True,
-)
 def test_failure_log_line_redacts_passwords(path: str, caplog: pytest.LogCaptureFixture) -> None:
     config = Config(database_url=SECRET_DB)
     work = make_work(Boom(path, "r", message=f"could not connect to {SECRET_DB}"), config=config)

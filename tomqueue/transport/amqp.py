@@ -201,11 +201,19 @@ class AmqpPublisher:
 class AmqpConsumer:
     """The worker's side: consumes the queue sets it was given, one consumer per level."""
 
-    def __init__(self, config: Config, queues: Sequence[str | None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        queues: Sequence[str | None],
+        levels: Sequence[str] = LEVELS,
+        prefetch: int = 1,
+    ) -> None:
         self.config = config
         self.topology = Topology.of(config)
         self.queue_sets = list(dict.fromkeys(queues or [None]))
-        self.levels: tuple[str, ...] = LEVELS
+        self.levels: tuple[str, ...] = tuple(lv for lv in LEVELS if lv in levels)
+        # every job thread may be busy with one level while read_ahead more wait in buffer
+        self.prefetch = min(65535, prefetch + config.read_ahead)
         self._owner = threading.get_ident()
         self._connection: BlockingConnection | None = None
         self._consume: BlockingChannel | None = None
@@ -225,7 +233,7 @@ class AmqpConsumer:
         self._consume = self._connection.channel()
         self._cancelled = False
         self._consume.add_on_cancel_callback(self._on_cancel)
-        self._consume.basic_qos(prefetch_count=self.config.read_ahead)
+        self._consume.basic_qos(prefetch_count=self.prefetch)
         for queue in self.queue_sets:
             declare_work(self._consume, self.topology, queue)
         for level in self.levels:  # most urgent first

@@ -19,7 +19,7 @@ from tomqueue.db import db_now, get_engine
 from tomqueue.leases import lock_is_free
 from tomqueue.message import Notification
 from tomqueue.schema import Job
-from tomqueue.transport.base import Delivery
+from tomqueue.transport.base import Delivery, Publisher
 
 _wakers: set[threading.Event] = set()
 _wakers_lock = threading.Lock()
@@ -71,9 +71,14 @@ class PollingConsumer:
         config: Config,
         queues: Sequence[str | None],
         priority_range: tuple[int | None, int | None] = (None, None),
+        publisher: Publisher | None = None,
     ) -> None:
+        """``queues``: Delayed::Job queue names (None: the default queue); empty: every
+        queue (``work_off``). ``publisher``: where follow-up notifications go (by default
+        nowhere but this process's pollers)."""
         self.config = config
         self.queues = list(queues)
+        self._publisher = publisher
         self.priority_range = priority_range
         self._engine = get_engine(config)
         self._wake = threading.Event()
@@ -151,6 +156,8 @@ class PollingConsumer:
 
     def publish(self, notes: Sequence[Notification]) -> None:
         if notes:
+            if self._publisher is not None:
+                self._publisher.publish(notes)
             self._next_poll = 0.0
             self._wake.set()
 

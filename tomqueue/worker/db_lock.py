@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -48,48 +49,85 @@ def layer(work: Work, call_next: Next) -> None:
 
 
 def _lock(work: Work) -> bool:
+    """Lock through the worker's group commit: concurrent job threads share one
+    transaction (``lock_batch``)."""
+    return work.ctx.locker.submit(work)
+
+
+def lock_batch(works: Sequence[Work]) -> list[bool]:
+    """Load the batch's rows ``FOR UPDATE`` (in id order: no deadlocks between workers),
+    decide for each delivery, lock the ones to run; one commit."""
+    ctx = works[0].ctx
+    ids = sorted({w.note.job_id for w in works if w.note is not None})
+    with ctx.engine.begin() as conn:
+        rows = {
+            row.id: row
+            for row in conn.execute(
+                select(jobs, now_sql(ctx.engine.dialect.name).label("db_now"))
+                .where(Job.id.in_(ids))
+                .order_by(Job.id)
+                .with_for_update()
+            )
+        }
+        taken: set[int] = set()
+        results = [_decide(work, rows.get(_job_id(work)), conn, taken) for work in works]
+    for work, locked in zip(works, results, strict=True):
+        if locked:
+            _after_lock(work)
+    return results
+
+
+def _job_id(work: Work) -> int:
+    assert work.note is not None
+    return work.note.job_id
+
+
+def _decide(work: Work, row: Any, conn: Connection, taken: set[int]) -> bool:
     note, ctx = work.note, work.ctx
     assert note is not None
-    dialect = ctx.engine.dialect.name
-    with ctx.engine.begin() as conn:
-        row = conn.execute(
-            select(jobs, now_sql(dialect).label("db_now"))
-            .where(Job.id == note.job_id)
-            .with_for_update()
-        ).first()
-        skip = _why_not(work, row, conn)
-        if skip is not None:
-            reason, follow_up = skip
-            if follow_up is not None:
-                work.follow_ups.append(follow_up)
-            ctx.count(f"skipped_{reason}")
-            metrics.SKIPPED.labels(reason).inc()
-            log.info(
-                "job %s not taken: %s",
-                note.job_id,
-                reason,
-                extra={"job_id": note.job_id, "action": f"skip_{reason}"},
-            )
-            return False
-        assert row is not None
-        db_now = _as_datetime(row.db_now)
-        values = {"locked_at": db_now, "locked_by": ctx.name, "fence": row.fence + 1}
-        if row.locked_at is not None:  # taking over from a worker that died holding it
-            values.update(_crash_counts(work, row))
-        conn.execute(
-            update(Job)
-            .where(Job.id == row.id, Job.fence == row.fence)
-            .values(updated_at=db_now, **values)
+    skip = _why_not(work, row, conn)
+    if skip is None and note.job_id in taken:  # a duplicate of a delivery in this batch
+        skip = (
+            "locked",
+            _follow_up(row, _as_datetime(row.db_now) + timedelta(seconds=ctx.config.lease_timeout)),
         )
+    if skip is not None:
+        reason, follow_up = skip
+        if follow_up is not None:
+            work.follow_ups.append(follow_up)
+        ctx.count(f"skipped_{reason}")
+        metrics.SKIPPED.labels(reason).inc()
+        log.info(
+            "job %s not taken: %s",
+            note.job_id,
+            reason,
+            extra={"job_id": note.job_id, "action": f"skip_{reason}"},
+        )
+        return False
+    taken.add(note.job_id)
+    db_now = _as_datetime(row.db_now)
+    values = {"locked_at": db_now, "locked_by": ctx.name, "fence": row.fence + 1}
+    if row.locked_at is not None:  # taking over from a worker that died holding it
+        values.update(_crash_counts(work, row))
+    conn.execute(
+        update(Job)
+        .where(Job.id == row.id, Job.fence == row.fence)
+        .values(updated_at=db_now, **values)
+    )
     work.job = Job(**{**{c.name: getattr(row, c.name) for c in jobs.columns}, **values})
     work.fence = row.fence + 1
     work.locked_at = db_now
+    return True
+
+
+def _after_lock(work: Work) -> None:
+    assert work.job is not None and work.locked_at is not None
     work.started = time.monotonic()
+    run_at = _as_datetime(work.job.run_at)
     metrics.WAIT_SECONDS.labels(work.queue).observe(
-        max(0.0, (db_now - _as_datetime(row.run_at)).total_seconds())
+        max(0.0, (work.locked_at - run_at).total_seconds())
     )
     failpoints.hit("worker.after_lock")
-    return True
 
 
 def _crash_counts(work: Work, row: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from tomqueue import lifecycle
 from tomqueue.config import Config
 from tomqueue.db import utcnow
 from tomqueue.schema import Job
-from tomqueue.worker.outcome import Failed, Outcome, Retry, Succeeded, format_error
+from tomqueue.worker.outcome import Failed, Outcome, Retry, Succeeded, format_error, redact
 from tomqueue.worker.work import Next, Work
 
 log = logging.getLogger("tomqueue.worker")
@@ -69,7 +69,7 @@ def failure_outcome(work: Work, exc: BaseException, elapsed: float) -> Outcome:
         "job %s failed (attempt %s): %s",
         job.id,
         attempts,
-        exc,
+        redact(str(exc)[:2000], _secrets(config)),
         extra={**work.log_extra, "action": "error"},
     )
     now = (work.locked_at or utcnow()) + timedelta(seconds=elapsed)

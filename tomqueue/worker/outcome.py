@@ -11,11 +11,14 @@ import logging
 import re
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Delete, Update, delete, update
+from sqlalchemy.exc import DBAPIError
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from tomqueue import metrics
 from tomqueue.db import now_sql
@@ -28,7 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tomqueue.worker")
 
 MAX_ERROR_CHARS = 65_000
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+RECORD_RETRY_SECONDS = 30.0
+# bounded repetitions: a long token in a message must not make this quadratic
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}://[^:/@\s]{0,256}:)[^@\s]{1,256}@")
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ Outcome = Succeeded | Retry | Failed | Released
 def format_error(exc: BaseException, secrets: tuple[str | None, ...] = ()) -> str:
     """``Type: message`` and the traceback, without passwords, bounded in size."""
     text = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-30:])
-    return redact(text, secrets)[:MAX_ERROR_CHARS]
+    # cut before redacting (bounded work), with a margin so no secret is cut in half
+    return redact(text[: MAX_ERROR_CHARS + 1024], secrets)[:MAX_ERROR_CHARS]
 
 
 def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
@@ -78,53 +84,69 @@ def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
 
 
 def record(work: Work) -> list[Notification]:
-    """Write ``work.outcome`` (fenced); return notifications to publish before the ack."""
+    """Write ``work.outcome`` (fenced) through the worker's group commit; return the
+    notifications to publish before the ack."""
+    return work.ctx.recorder.submit(work)
+
+
+def record_batch(works: Sequence[Work]) -> list[list[Notification]]:
+    """Write every outcome of the batch in one transaction, retried on database errors
+    (the outcome is known; only writing it is left)."""
+    planned = [_plan(work) for work in works]
+    engine = works[0].ctx.engine
+    for attempt in Retrying(
+        retry=retry_if_exception_type(DBAPIError),
+        wait=wait_exponential_jitter(initial=0.2, max=5),
+        stop=stop_after_delay(RECORD_RETRY_SECONDS),
+        reraise=True,
+    ):
+        with attempt, engine.begin() as conn:
+            written = [conn.execute(statement).rowcount == 1 for statement, _ in planned]
+    return [
+        _report(work, ok, follow_up)
+        for work, ok, (_, follow_up) in zip(works, written, planned, strict=True)
+    ]
+
+
+def _plan(work: Work) -> tuple[Delete | Update, Notification | None]:
     job, outcome = work.job, work.outcome
     assert job is not None and outcome is not None
     mine = (Job.id == job.id) & (Job.fence == work.fence)
     now = now_sql(work.ctx.engine.dialect.name)
     unlock = {"locked_at": None, "locked_by": None, "fence": Job.fence + 1, "updated_at": now}
-    follow_up: Notification | None = None
-    statement: Delete | Update
     if isinstance(outcome, Succeeded) or (isinstance(outcome, Failed) and outcome.destroy):
-        statement = delete(Job).where(mine)
-    elif isinstance(outcome, Retry):
-        statement = (
-            update(Job)
-            .where(mine)
-            .values(
-                attempts=Job.attempts + 1,
-                last_error=outcome.error,
-                run_at=outcome.run_at,
-                version=Job.version + 1,
-                notified_at=now,
-                **unlock,
-            )
+        return delete(Job).where(mine), None
+    if isinstance(outcome, Retry):
+        values = dict(
+            attempts=Job.attempts + 1,
+            last_error=outcome.error,
+            run_at=outcome.run_at,
+            version=Job.version + 1,
+            notified_at=now,
         )
-        follow_up = _note(job, job.version + 1, outcome.run_at)
-    elif isinstance(outcome, Failed):
-        statement = (
-            update(Job)
-            .where(mine)
-            .values(
-                attempts=Job.attempts + int(outcome.count_attempt),
-                last_error=outcome.error,
-                failed_at=now,
-                **unlock,
-            )
+        return update(Job).where(mine).values(**values, **unlock), _note(
+            job, job.version + 1, outcome.run_at
         )
-    else:  # Released
-        statement = (
-            update(Job).where(mine).values(version=Job.version + 1, notified_at=now, **unlock)
+    if isinstance(outcome, Failed):
+        values = dict(
+            attempts=Job.attempts + int(outcome.count_attempt),
+            last_error=outcome.error,
+            failed_at=now,
         )
-        follow_up = _note(job, job.version + 1, job.run_at)
-    with work.ctx.engine.begin() as conn:
-        written = conn.execute(statement).rowcount
-    action = type(outcome).__name__.lower()
-    if written != 1:
+        return update(Job).where(mine).values(**values, **unlock), None
+    values = dict(version=Job.version + 1, notified_at=now)  # Released
+    return update(Job).where(mine).values(**values, **unlock), _note(
+        job, job.version + 1, job.run_at
+    )
+
+
+def _report(work: Work, written: bool, follow_up: Notification | None) -> list[Notification]:
+    assert work.job is not None
+    action = type(work.outcome).__name__.lower()
+    if not written:
         log.warning(
             "job %s: lock was lost before recording %s; outcome discarded",
-            job.id,
+            work.job.id,
             action,
             extra={**work.log_extra, "action": "fence_lost"},
         )
@@ -132,7 +154,7 @@ def record(work: Work) -> list[Notification]:
     work.ctx.count(action)
     metrics.JOBS.labels(action, work.queue).inc()
     metrics.RUN_SECONDS.labels(work.queue).observe(time.monotonic() - work.started)
-    log.info("job %s %s", job.id, action, extra={**work.log_extra, "action": action})
+    log.info("job %s %s", work.job.id, action, extra={**work.log_extra, "action": action})
     return [follow_up] if follow_up else []
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Sequence
@@ -71,12 +72,12 @@ class Worker:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         self.config = config
         self.allowed = import_modules(imports)
-        self.queues: list[str | None] = list(queues)
+        self.queues: list[str | None] = list(queues) or [None]  # default: the default queue
         self.threads = threads
         self.priority_range = (min_priority, max_priority)
         self.exit_on_complete = exit_on_complete
         self.name = name or default_worker_name()
-        self.consumer: Consumer = make_consumer(config, self.queues, self.priority_range)
+        self.consumer: Consumer = make_consumer(config, self.queues, self.priority_range, threads)
         self.ctx = Context(config, get_engine(config), self.consumer, self.allowed, self.name)
         self.heartbeat = Heartbeat(
             config,
@@ -253,7 +254,24 @@ class Worker:
         self.consumer.close()
 
     def _needs_restart(self) -> bool:
-        return self.ctx.abandoned_threads >= self.threads
+        return self.ctx.abandoned_threads > self.threads
+
+
+def application_modules() -> frozenset[str]:
+    """Imported modules that belong to the application: not built in, not from the standard
+    library, not from an installed package (site-packages)."""
+    system = tuple(
+        os.path.realpath(p) + os.sep
+        for key in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (p := sysconfig.get_paths().get(key))
+    )
+    found = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        ours = name.split(".")[0] in ("tomqueue", "deferred")
+        if path and not ours and not os.path.realpath(path).startswith(system):
+            found.add(name)
+    return frozenset(found)
 
 
 def work_off(
@@ -262,13 +280,16 @@ def work_off(
     """Run up to ``num`` due jobs in this thread, straight from the database; return
     ``(successes, failures)`` like Delayed::Job's ``work_off``.
 
-    A test helper: without ``imports`` every module already imported may be loaded."""
+    Every queue is worked. ``imports`` names the modules whose job classes may be loaded
+    (like ``--import``); without it, the application's own modules already imported (not
+    the standard library's nor installed packages') may be."""
     from tomqueue.config import current
+    from tomqueue.transport import get_publisher
     from tomqueue.transport.polling import PollingConsumer
 
     config = config or current()
-    consumer = PollingConsumer(config, [])
-    allowed = frozenset(imports) if imports is not None else frozenset(sys.modules)
+    consumer = PollingConsumer(config, [], publisher=get_publisher(config))
+    allowed = frozenset(imports) if imports is not None else application_modules()
     ctx = Context(config, get_engine(config), consumer, allowed, default_worker_name())
     registration = Heartbeat(config, ctx.engine, ctx.name, [])
     registration.register()  # so other workers see this process's locks as held

@@ -22,7 +22,7 @@ import time
 
 from tomqueue.errors import JobTimeout
 from tomqueue.worker.invoke import failure_outcome
-from tomqueue.worker.outcome import Released
+from tomqueue.worker.outcome import Failed, Released, Retry
 from tomqueue.worker.work import Next, Work
 
 log = logging.getLogger("tomqueue.worker")
@@ -79,7 +79,11 @@ def layer(work: Work, call_next: Next) -> None:
         _abandon(work, thread)
     if interrupted is WorkerStopping:
         work.outcome = Released("the worker stopped before the job finished")
-    elif work.outcome is None:
+    elif isinstance(work.outcome, Retry | Failed):  # say why, above the traceback
+        work.outcome = dataclasses.replace(
+            work.outcome, error=f"{_timeout_text(work)}\n{work.outcome.error}"
+        )
+    else:  # abandoned, or it swallowed the interruption: the attempt counts all the same
         work.outcome = failure_outcome(
             work, JobTimeout(_timeout_text(work)), time.monotonic() - started
         )

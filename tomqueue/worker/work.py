@@ -34,6 +34,14 @@ class Context:
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        from tomqueue.worker.batching import GroupCommit
+        from tomqueue.worker.db_lock import lock_batch
+        from tomqueue.worker.outcome import record_batch
+
+        self.locker: GroupCommit[Work, bool] = GroupCommit(lock_batch)
+        self.recorder: GroupCommit[Work, list[Notification]] = GroupCommit(record_batch)
+
     def count(self, key: str) -> None:
         with self.lock:
             self.counters[key] = self.counters.get(key, 0) + 1
