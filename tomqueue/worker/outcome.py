@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Delete, Update, delete, update
 from sqlalchemy.exc import DBAPIError
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
 
 from tomqueue import metrics
 from tomqueue.db import now_sql
@@ -96,7 +102,7 @@ def record_batch(works: Sequence[Work]) -> list[list[Notification]]:
     engine = works[0].ctx.engine
     for attempt in Retrying(
         retry=retry_if_exception_type(DBAPIError),
-        wait=wait_exponential_jitter(initial=0.2, max=5),
+        wait=wait_exponential(multiplier=0.2, max=5) + wait_random(0, 0.2),
         stop=stop_after_delay(RECORD_RETRY_SECONDS),
         reraise=True,
     ):

@@ -23,7 +23,7 @@ from types import FrameType
 from pika.exceptions import AMQPError
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
 from tomqueue import metrics
 from tomqueue.config import LEVELS, Config, default_worker_name, redact_url
@@ -164,7 +164,7 @@ class Worker:
 
         return Retrying(
             retry=retry_if_exception_type(kind),
-            wait=wait_exponential_jitter(initial=0.5, max=30),
+            wait=wait_exponential(multiplier=0.5, max=30) + wait_random(0, 1),
             before_sleep=before_sleep,
             stop=lambda _state: self.ctx.stopping.is_set(),
             reraise=True,
