@@ -56,9 +56,9 @@ def _lock(work: Work) -> bool:
 
 def lock_batch(works: Sequence[Work]) -> list[bool]:
     """Load the batch's rows ``FOR UPDATE`` (in id order: no deadlocks between workers),
-    decide for each delivery, lock the ones to run; one commit."""
+    decide for each delivery, lock the ones to run with one statement; one commit."""
     ctx = works[0].ctx
-    ids = sorted({w.note.job_id for w in works if w.note is not None})
+    ids = sorted({_job_id(w) for w in works})
     with ctx.engine.begin() as conn:
         rows = {
             row.id: row
@@ -69,12 +69,27 @@ def lock_batch(works: Sequence[Work]) -> list[bool]:
                 .with_for_update()
             )
         }
-        taken: set[int] = set()
-        results = [_decide(work, rows.get(_job_id(work)), conn, taken) for work in works]
-    for work, locked in zip(works, results, strict=True):
-        if locked:
-            _after_lock(work)
-    return results
+        taken: dict[int, Work] = {}
+        plain: list[int] = []
+        now = _as_datetime(next(iter(rows.values())).db_now) if rows else None
+        for work in works:
+            row = rows.get(_job_id(work))
+            if _runnable(work, row, conn, taken):
+                assert row is not None
+                taken[row.id] = work
+                if row.locked_at is None:
+                    plain.append(row.id)
+                else:  # taking over from a worker that died holding it: one of its own
+                    _take_over(conn, work, row, now)
+        if plain:  # the rows are locked by this transaction: fence + 1 is what we read + 1
+            conn.execute(
+                update(Job)
+                .where(Job.id.in_(plain))
+                .values(locked_at=now, locked_by=ctx.name, fence=Job.fence + 1, updated_at=now)
+            )
+    for job_id, work in taken.items():
+        _hold(work, rows[job_id], now)
+    return [taken.get(_job_id(w)) is w for w in works]
 
 
 def _job_id(work: Work) -> int:
@@ -82,42 +97,53 @@ def _job_id(work: Work) -> int:
     return work.note.job_id
 
 
-def _decide(work: Work, row: Any, conn: Connection, taken: set[int]) -> bool:
+def _runnable(work: Work, row: Any, conn: Connection, taken: dict[int, Work]) -> bool:
     note, ctx = work.note, work.ctx
     assert note is not None
     skip = _why_not(work, row, conn)
     if skip is None and note.job_id in taken:  # a duplicate of a delivery in this batch
-        skip = (
-            "locked",
-            _follow_up(row, _as_datetime(row.db_now) + timedelta(seconds=ctx.config.lease_timeout)),
-        )
-    if skip is not None:
-        reason, follow_up = skip
-        if follow_up is not None:
-            work.follow_ups.append(follow_up)
-        ctx.count(f"skipped_{reason}")
-        metrics.SKIPPED.labels(reason).inc()
-        log.info(
-            "job %s not taken: %s",
-            note.job_id,
-            reason,
-            extra={"job_id": note.job_id, "action": f"skip_{reason}"},
-        )
-        return False
-    taken.add(note.job_id)
-    db_now = _as_datetime(row.db_now)
-    values = {"locked_at": db_now, "locked_by": ctx.name, "fence": row.fence + 1}
-    if row.locked_at is not None:  # taking over from a worker that died holding it
-        values.update(_crash_counts(work, row))
+        recheck = _as_datetime(row.db_now) + timedelta(seconds=ctx.config.lease_timeout)
+        skip = ("locked", _follow_up(row, recheck))
+    if skip is None:
+        return True
+    reason, follow_up = skip
+    if follow_up is not None:
+        work.follow_ups.append(follow_up)
+    ctx.count(f"skipped_{reason}")
+    metrics.SKIPPED.labels(reason).inc()
+    log.info(
+        "job %s not taken: %s",
+        note.job_id,
+        reason,
+        extra={"job_id": note.job_id, "action": f"skip_{reason}"},
+    )
+    return False
+
+
+def _take_over(conn: Connection, work: Work, row: Any, now: Any) -> None:
+    work.takeover = _crash_counts(work, row)
     conn.execute(
         update(Job)
         .where(Job.id == row.id, Job.fence == row.fence)
-        .values(updated_at=db_now, **values)
+        .values(
+            locked_at=now,
+            locked_by=work.ctx.name,
+            fence=row.fence + 1,
+            updated_at=now,
+            **work.takeover,
+        )
     )
-    work.job = Job(**{**{c.name: getattr(row, c.name) for c in jobs.columns}, **values})
+
+
+def _hold(work: Work, row: Any, now: Any) -> None:
+    """Fill in the work from the row as this worker's lock left it."""
+    values = {c.name: getattr(row, c.name) for c in jobs.columns}
+    values.update(locked_at=now, locked_by=work.ctx.name, fence=row.fence + 1)
+    values.update(work.takeover or {})
+    work.job = Job(**values)
     work.fence = row.fence + 1
-    work.locked_at = db_now
-    return True
+    work.locked_at = now
+    _after_lock(work)
 
 
 def _after_lock(work: Work) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Delete, Update, delete, update
+from sqlalchemy import Connection, Update, delete, tuple_, update
 from sqlalchemy.exc import DBAPIError
 from tenacity import (
     Retrying,
@@ -97,9 +97,11 @@ def record(work: Work) -> list[Notification]:
 
 def record_batch(works: Sequence[Work]) -> list[list[Notification]]:
     """Write every outcome of the batch in one transaction, retried on database errors
-    (the outcome is known; only writing it is left)."""
+    (the outcome is known; only writing it is left). Plain deletions (successes) go in one
+    statement."""
     planned = [_plan(work) for work in works]
     engine = works[0].ctx.engine
+    deletions = [w for w, (statement, _) in zip(works, planned, strict=True) if statement is None]
     for attempt in Retrying(
         retry=retry_if_exception_type(DBAPIError),
         wait=wait_exponential(multiplier=0.2, max=5) + wait_random(0, 0.2),
@@ -107,21 +109,49 @@ def record_batch(works: Sequence[Work]) -> list[list[Notification]]:
         reraise=True,
     ):
         with attempt, engine.begin() as conn:
-            written = [conn.execute(statement).rowcount == 1 for statement, _ in planned]
+            deleted = _delete_all(conn, deletions)
+            written = [
+                (_job_id(w) in deleted)
+                if statement is None
+                else conn.execute(statement).rowcount == 1
+                for w, (statement, _) in zip(works, planned, strict=True)
+            ]
     return [
         _report(work, ok, follow_up)
         for work, ok, (_, follow_up) in zip(works, written, planned, strict=True)
     ]
 
 
-def _plan(work: Work) -> tuple[Delete | Update, Notification | None]:
+def _job_id(work: Work) -> int:
+    assert work.job is not None
+    return work.job.id
+
+
+def _delete_all(conn: Connection, works: Sequence[Work]) -> set[int]:
+    """Delete the works' rows where the fence still matches; the ids actually deleted."""
+    if not works:
+        return set()
+    pairs = [(_job_id(w), w.fence) for w in works]
+    mine = tuple_(Job.id, Job.fence).in_(pairs)
+    if conn.dialect.delete_returning:
+        return set(conn.scalars(delete(Job).where(mine).returning(Job.id)))
+    return {
+        job_id
+        for job_id, fence in pairs
+        if conn.execute(delete(Job).where(Job.id == job_id, Job.fence == fence)).rowcount
+    }
+
+
+def _plan(work: Work) -> tuple[Update | None, Notification | None]:
+    """The statement that records the outcome (None: a plain deletion, done in bulk) and
+    the follow-up notification it calls for."""
     job, outcome = work.job, work.outcome
     assert job is not None and outcome is not None
     mine = (Job.id == job.id) & (Job.fence == work.fence)
     now = now_sql(work.ctx.engine.dialect.name)
     unlock = {"locked_at": None, "locked_by": None, "fence": Job.fence + 1, "updated_at": now}
     if isinstance(outcome, Succeeded) or (isinstance(outcome, Failed) and outcome.destroy):
-        return delete(Job).where(mine), None
+        return None, None
     if isinstance(outcome, Retry):
         values = dict(
             attempts=Job.attempts + 1,
