@@ -49,10 +49,12 @@ def dispose_engines() -> None:
 
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
+    # No pool_pre_ping: a ping is a round trip per checkout on the hot path. A connection
+    # that died (database restart) fails once; SQLAlchemy then invalidates the pool and the
+    # caller's retry (outcome writes) or requeue (error handling) gets a fresh one.
+    kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        kwargs.pop("pool_pre_ping")
     elif parsed.get_backend_name() in ("mysql", "mariadb"):
         if "charset" not in parsed.query:
             parsed = parsed.update_query_dict({"charset": "utf8mb4"})

@@ -71,3 +71,30 @@ def test_wrong_result_count_is_an_error_not_a_hang() -> None:
     gc: GroupCommit[int, int] = GroupCommit(lambda items: [])
     with pytest.raises(RuntimeError):
         gc.submit(1)
+
+
+@pytest.mark.parametrize("leaders", [1, 2, 4])
+def test_many_threads_many_rounds_no_lost_wakeups(leaders: int) -> None:
+    import random
+    import time
+
+    def run(items: Sequence[int]) -> list[int]:
+        time.sleep(random.random() / 2000)
+        return [i + 1 for i in items]
+
+    gc = GroupCommit(run, max_batch=7, leaders=leaders)
+    errors: list[str] = []
+
+    def call(base: int) -> None:
+        for i in range(200):
+            n = base * 1000 + i
+            if gc.submit(n) != n + 1:
+                errors.append(f"wrong result for {n}")
+
+    threads = [threading.Thread(target=call, args=(t,)) for t in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a submitter never got its result"
+    assert errors == []

@@ -222,6 +222,8 @@ class AmqpConsumer:
         self._generation = 0
         self._cancelled = False
         self._last_ready_check = 0.0
+        self._acks: list[Delivery] = []
+        self._acks_lock = threading.Lock()
 
     # --- owner thread ----------------------------------------------------------------
 
@@ -229,6 +231,8 @@ class AmqpConsumer:
         self._owner = threading.get_ident()
         self._connection = connect(self.config, "worker")
         self._generation += 1
+        with self._acks_lock:
+            self._acks = []  # tags of the old channel mean nothing on the new one
         self._publish = ConfirmedChannel(self._connection, self.config)
         self._consume = self._connection.channel()
         self._cancelled = False
@@ -336,9 +340,32 @@ class AmqpConsumer:
 
     def ack(self, delivery: Delivery) -> None:
         """Sent asynchronously: nothing waits for an ack (a lost one means a redelivery,
-        which the row's version and lock make harmless)."""
+        which the row's version and lock make harmless). Acks queue up and one wake-up of
+        the connection's thread sends all that are waiting."""
         if delivery.claim_ack():
-            self._call(lambda: self._ack_now(delivery), wait=False)
+            with self._acks_lock:
+                first = not self._acks
+                self._acks.append(delivery)
+            if first:
+                try:
+                    self._call(self._flush_acks, wait=False)
+                except BrokerUnavailable:
+                    with self._acks_lock:
+                        self._acks = []  # the broker requeues them: redeliveries are harmless
+                    raise
+
+    def _flush_acks(self) -> None:
+        """Send the queued acks. Through pika's asynchronous channel under the blocking one:
+        ``BlockingChannel.basic_ack`` flushes the socket on every call; these go out
+        together on the I/O loop's next pass."""
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+        channel = self._consume
+        if channel is None or not channel.is_open:
+            return
+        for delivery in acks:
+            if delivery.generation == self._generation:
+                channel._impl.basic_ack(delivery.tag)
 
     def _ack_now(self, delivery: Delivery) -> None:
         if (

@@ -218,7 +218,8 @@ class Worker:
 
     def _on_done(self, future: Future[None]) -> None:
         self._running.discard(future)
-        self.consumer.wake()
+        if self._buffer or self.ctx.stopping.is_set():  # otherwise a delivery wakes the loop
+            self.consumer.wake()
 
     def _requeue_stale(self) -> None:
         limit = time.monotonic() - self.config.delivery_hold_limit
