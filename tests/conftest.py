@@ -37,7 +37,11 @@ POSTGRES_URL = os.environ.get(
 MYSQL_URL = os.environ.get("TOMQUEUE_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 AMQP_URL = os.environ.get("TOMQUEUE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
-DATABASES = ("sqlite", "postgresql", "mysql")
+DATABASES = tuple(
+    d.strip()
+    for d in os.environ.get("TOMQUEUE_TEST_DATABASES", "sqlite,postgresql,mysql").split(",")
+    if d.strip()
+)
 TRANSPORTS = ("polling", "amqp")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NAMED_QUEUE_SETS = ("mail",)  # named Delayed::Job queues the tests use (cleaned up)
