@@ -50,6 +50,7 @@ from deferred.holding import Holding, SessionLost
 from deferred.options import DEFAULT_REFRESH, DEFAULT_STATS_INTERVAL, check_refresh, check_stats
 from deferred.options import parse as parse_options
 from deferred.session import Session
+from tomqueue import metrics
 from tomqueue.config import Config
 from tomqueue.errors import BrokerUnavailable, ConfigError, PublishError, TomQueueError
 
@@ -128,6 +129,7 @@ class Manager:
         except RECOVERABLE as exc:
             if not self._stop.is_set():
                 self.counters["reconnects"] += 1
+                metrics.RECONNECTS.labels("deferred").inc()
                 log.warning(
                     "broker session lost (%s: %s); reconnecting",
                     type(exc).__name__,
@@ -167,6 +169,7 @@ class Manager:
         holding = self.holding
         while not self._stop.is_set():
             holding.release(session)
+            metrics.DEFERRED_HELD.set(self.held_count())
             self._maybe_log_stats()
             session.connection.process_data_events(
                 time_limit=holding.idle_time(session, self._next_stats)
@@ -276,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("pika").setLevel(logging.WARNING if options.verbose else logging.CRITICAL)
     try:
         config = Config.from_env()
+        if options.metrics_port:
+            metrics.serve(options.metrics_port)
         return Manager(config, options.refresh_interval, options.stats_interval).run()
     except TomQueueError as exc:
         print(f"deferred: {exc}", file=sys.stderr)

@@ -34,6 +34,7 @@ class Options:
     refresh_interval: float = DEFAULT_REFRESH
     stats_interval: float = DEFAULT_STATS_INTERVAL
     verbose: bool = False
+    metrics_port: int | None = None
 
 
 def check_refresh(value: float, source: str = "refresh_interval") -> float:
@@ -85,6 +86,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"how often to log the held count and next due time "
         f"(env {STATS_ENV}, default {DEFAULT_STATS_INTERVAL:g})",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -101,4 +109,4 @@ def parse(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Options:
         stats = check_stats(args.stats_interval, "--stats-interval")
     else:
         stats = check_stats(_env_seconds(env, STATS_ENV, DEFAULT_STATS_INTERVAL), STATS_ENV)
-    return Options(refresh, stats, bool(args.verbose))
+    return Options(refresh, stats, bool(args.verbose), args.metrics_port)
