@@ -24,11 +24,11 @@ from typing import Any
 from pika.adapters.blocking_connection import BlockingConnection
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
-from deferred.publisher import PipelinedPublisher
 from tomqueue.config import Config
 from tomqueue.errors import ConfigError, EnqueueError
 from tomqueue.topology import Topology
 from tomqueue.transport.amqp import ConfirmedChannel, connect
+from tomqueue.transport.pipelined import PipelinedPublisher
 
 log = logging.getLogger("deferred")
 

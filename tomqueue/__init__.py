@@ -10,7 +10,7 @@ from __future__ import annotations
 from tomqueue import lifecycle
 from tomqueue.config import Config, configure, current
 from tomqueue.delay import PerformableMethod, delay, handle_asynchronously
-from tomqueue.enqueue import enqueue
+from tomqueue.enqueue import enqueue, enqueue_many
 from tomqueue.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -35,6 +35,7 @@ class Delayed:
     Job = Job
     Worker = Worker
     enqueue = staticmethod(enqueue)
+    enqueue_many = staticmethod(enqueue_many)
     work_off = staticmethod(work_off)
 
 
@@ -58,6 +59,7 @@ __all__ = [
     "current",
     "delay",
     "enqueue",
+    "enqueue_many",
     "handle_asynchronously",
     "lifecycle",
     "work_off",

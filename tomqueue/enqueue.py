@@ -10,6 +10,7 @@ default queue (stored as NULL).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -115,6 +116,23 @@ def new_job(request: Request) -> Job:
     )
 
 
+def persist_many(new: list[Job], target: Session | Connection | None, config: Config) -> None:
+    """One multi-row INSERT (``RETURNING id`` in parameter order) for many jobs."""
+    if isinstance(target, Session):
+        target.add_all(new)
+        target.flush()
+        return
+    rows = [{c.name: getattr(j, c.name) for c in jobs.columns if c.name != "id"} for j in new]
+    statement = insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True)
+    if target is None:
+        with get_engine(config).begin() as conn:
+            ids = conn.execute(statement, rows).scalars().all()
+    else:
+        ids = target.execute(statement, rows).scalars().all()
+    for job, job_id in zip(new, ids, strict=True):
+        job.id = job_id
+
+
 def persist(job: Job, target: Session | Connection | None, config: Config) -> None:
     if isinstance(target, Session):
         target.add(job)
@@ -195,3 +213,38 @@ def enqueue(
     else:
         after_commit(target, lambda: publish([note], config))
     return job
+
+
+def enqueue_many(
+    payloads: Iterable[Any],
+    priority: int | None = None,
+    run_at: Any = None,
+    queue: str | None = None,
+    *,
+    session: Session | None = None,
+    connection: Connection | None = None,
+    config: Config | None = None,
+) -> list[Job]:
+    """``enqueue`` for many payloads: one INSERT, one commit, notifications published
+    together with many confirms in flight. The same rules and hooks apply to each."""
+    config = config or current()
+    requests = [validate(p, priority, run_at, queue, config) for p in payloads]
+    new = [new_job(r) for r in requests]
+    for request, job in zip(requests, new, strict=True):
+        run_enqueue_hooks(request, job)
+    if not config.delay_jobs:
+        from tomqueue.worker.invoke import run_inline
+
+        for request, job in zip(requests, new, strict=True):
+            run_inline(job, request.payload, config)
+        return new
+    if not new:
+        return new
+    target = session if session is not None else connection
+    persist_many(new, target, config)
+    notes = [notification(job) for job in new]
+    if target is None:
+        publish(notes, config)
+    else:
+        after_commit(target, lambda: publish(notes, config))
+    return new

@@ -35,11 +35,13 @@ from tomqueue.errors import BrokerUnavailable, ConfigError, PublishError
 from tomqueue.message import CONTENT_TYPE, Notification
 from tomqueue.topology import Topology
 from tomqueue.transport.base import Delivery
+from tomqueue.transport.pipelined import PipelinedPublisher
 
 log = logging.getLogger("tomqueue.amqp")
 T = TypeVar("T")
 
 CLASSIC = {"x-queue-type": "classic"}
+PIPELINE_WINDOW = 500  # unconfirmed publishes in flight at most
 READY_CHECK_INTERVAL = 0.05  # seconds between two "more urgent messages waiting?" checks
 
 
@@ -158,6 +160,7 @@ class AmqpPublisher:
         self._lock = threading.Lock()
         self._connection: BlockingConnection | None = None
         self._channel: ConfirmedChannel | None = None
+        self._pipelined: PipelinedPublisher | None = None
 
     def publish(self, notes: Sequence[Notification]) -> None:
         if not notes:
@@ -165,7 +168,7 @@ class AmqpPublisher:
         with self._lock:
             for attempt in (1, 2):
                 try:
-                    self._ensure().publish(notes)
+                    self._publish(notes)
                     return
                 except (AMQPConnectionError, AMQPChannelError, OSError) as exc:
                     self._reset()
@@ -177,15 +180,51 @@ class AmqpPublisher:
                 except BrokerUnavailable as exc:
                     self._reset()
                     raise PublishError(str(exc)) from None
+                except PublishError:
+                    self._reset()  # a fresh channel: no stale confirms from this attempt
+                    raise
 
     def _ensure(self) -> ConfirmedChannel:
         if self._connection is None or not self._connection.is_open or self._channel is None:
             self._reset()
             self._connection = connect(self.config, self.role)
             self._channel = ConfirmedChannel(self._connection, self.config)
+            self._pipelined = PipelinedPublisher(self._connection, self.config.publish_timeout)
         else:
             self._connection.process_data_events(0)  # answer heartbeats, notice a close
         return self._channel
+
+    def _publish(self, notes: Sequence[Notification]) -> None:
+        channel = self._ensure()
+        if len(notes) == 1:
+            channel.publish(notes)
+            return
+        self._publish_pipelined(channel, notes)
+
+    def _publish_pipelined(self, channel: ConfirmedChannel, notes: Sequence[Notification]) -> None:
+        """Many notifications, many confirms in flight (3-5k/s instead of ~800/s); any
+        nack, return or missing confirm fails the whole call (it is safe to repeat)."""
+        assert self._connection is not None and self._pipelined is not None
+        pipe = self._pipelined
+        for i, note in enumerate(notes):
+            exchange, key, level = route(note, self.config, channel.topology)
+            if exchange == channel.topology.work_exchange:
+                channel.ensure_queue_set(note.queue)
+            pipe.send(exchange, key, note.encode(), properties(note, level), i)
+            if pipe.in_flight >= PIPELINE_WINDOW:
+                self._settle(pipe, PIPELINE_WINDOW // 2)
+        self._settle(pipe, 0)
+
+    def _settle(self, pipe: PipelinedPublisher, down_to: int) -> None:
+        assert self._connection is not None
+        while pipe.in_flight > down_to:
+            self._connection.process_data_events(0.01)
+            failures = pipe.take_failures()
+            if failures:
+                raise PublishError(f"{len(failures)} notification(s) failed: {failures[0]}")
+            if pipe.overdue(time.monotonic()):
+                raise PublishError("the broker did not confirm notifications in time")
+            pipe.take_confirmed()
 
     def _reset(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
