@@ -10,24 +10,26 @@ default queue (stored as NULL).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from tomqueue import failpoints, handler, lifecycle
 from tomqueue.aftercommit import after_commit
 from tomqueue.config import QUEUE_NAME_RE, Config, current
 from tomqueue.db import get_engine, utcnow
-from tomqueue.errors import EnqueueError, PublishError
+from tomqueue.errors import EnqueueError
 from tomqueue.message import Notification
 from tomqueue.schema import Job, jobs
 from tomqueue.transport import get_publisher
 
 log = logging.getLogger("tomqueue.enqueue")
+T = TypeVar("T")
 
 MAX_HANDLER_BYTES = 16 * 1024 * 1024
 
@@ -116,6 +118,20 @@ def new_job(request: Request) -> Job:
     )
 
 
+def _own_transaction(config: Config, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in a transaction of our own; once more on a fresh connection if the
+    pooled one turned out dead (database restarted): nothing was committed, so retrying is
+    safe, and the caller should not see an error a second attempt would not raise."""
+    for attempt in (1, 2):
+        try:
+            with get_engine(config).begin() as conn:
+                return work(conn)
+        except DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated:
+                raise
+    raise AssertionError("unreachable")
+
+
 def persist_many(new: list[Job], target: Session | Connection | None, config: Config) -> None:
     """One multi-row INSERT (``RETURNING id`` in parameter order) for many jobs."""
     if isinstance(target, Session):
@@ -125,8 +141,7 @@ def persist_many(new: list[Job], target: Session | Connection | None, config: Co
     rows = [{c.name: getattr(j, c.name) for c in jobs.columns if c.name != "id"} for j in new]
     statement = insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True)
     if target is None:
-        with get_engine(config).begin() as conn:
-            ids = conn.execute(statement, rows).scalars().all()
+        ids = _own_transaction(config, lambda conn: conn.execute(statement, rows).scalars().all())
     else:
         ids = target.execute(statement, rows).scalars().all()
     for job, job_id in zip(new, ids, strict=True):
@@ -140,11 +155,12 @@ def persist(job: Job, target: Session | Connection | None, config: Config) -> No
         return
     values = {c.name: getattr(job, c.name) for c in jobs.columns if c.name != "id"}
     if target is None:
-        with get_engine(config).begin() as conn:
-            result = conn.execute(insert(jobs).values(**values))
+        result = _own_transaction(config, lambda conn: conn.execute(insert(jobs).values(**values)))
     else:
         result = target.execute(insert(jobs).values(**values))
-    job.id = result.inserted_primary_key[0]  # type: ignore[index]
+    key = result.inserted_primary_key
+    assert key is not None
+    job.id = key[0]
 
 
 # --- layer 4: publish after commit -----------------------------------------------------
@@ -167,7 +183,7 @@ def publish(notes: list[Notification], config: Config) -> None:
     try:
         failpoints.hit("enqueue.before_publish")
         get_publisher(config).publish(notes)
-    except PublishError as exc:
+    except Exception as exc:  # the row is committed: never raise, the sweeper recovers it
         log.error(
             "job committed but its notification was not confirmed: %s; the sweeper "
             "will republish it",

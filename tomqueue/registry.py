@@ -87,10 +87,14 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="tomqueue-heartbeat", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, keep_record: bool = False) -> None:
+        """Stop beating and leave the registry, so our locks are free at once — unless
+        ``keep_record``: a job thread still runs, so they must lapse with the lease."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if keep_record:
+            return
         try:
             with self.engine.begin() as conn:
                 conn.execute(delete(WorkerRecord).where(WorkerRecord.name == self.name))

@@ -42,7 +42,8 @@ def layer(work: Work, call_next: Next) -> None:
     try:
         _load_payload(work)
         call_next(work)
-        work.follow_ups.extend(outcome.record(work))
+        if not work.abandoned:  # an abandoned job keeps its lock until the process is gone
+            work.follow_ups.extend(outcome.record(work))
     finally:
         work.ctx.running_jobs.discard(work.job.id)
     failpoints.hit("worker.after_record")

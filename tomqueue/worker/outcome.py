@@ -53,6 +53,7 @@ class Retry:
 
     error: str
     run_at: datetime
+    count_attempt: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,19 @@ def record_batch(works: Sequence[Work]) -> list[list[Notification]]:
     ]
 
 
+def count_attempt_keeping_lock(work: Work, error: str) -> bool:
+    """Count a failed attempt now, while the job stays locked (its thread still runs)."""
+    assert work.job is not None
+    with work.ctx.engine.begin() as conn:
+        return bool(
+            conn.execute(
+                update(Job)
+                .where(Job.id == work.job.id, Job.fence == work.fence)
+                .values(attempts=Job.attempts + 1, last_error=error)
+            ).rowcount
+        )
+
+
 def _job_id(work: Work) -> int:
     assert work.job is not None
     return work.job.id
@@ -154,7 +168,7 @@ def _plan(work: Work) -> tuple[Update | None, Notification | None]:
         return None, None
     if isinstance(outcome, Retry):
         values = dict(
-            attempts=Job.attempts + 1,
+            attempts=Job.attempts + int(outcome.count_attempt),
             last_error=outcome.error,
             run_at=outcome.run_at,
             version=Job.version + 1,

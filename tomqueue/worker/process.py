@@ -115,7 +115,7 @@ class Worker:
         finally:
             self._drain()
             self.sweeper.stop()
-            self.heartbeat.stop()
+            self.heartbeat.stop(keep_record=self.ctx.abandoned_threads > 0)
         log.info(
             "worker %s exiting: %s", self.name, self.ctx.counters, extra={"action": "worker_exit"}
         )

@@ -17,15 +17,26 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 
 from tomqueue.errors import JobTimeout
 from tomqueue.worker.invoke import failure_outcome
-from tomqueue.worker.outcome import Failed, Released, Retry
+from tomqueue.worker.outcome import (
+    Failed,
+    Released,
+    Retry,
+    count_attempt_keeping_lock,
+    record,
+)
 from tomqueue.worker.work import Next, Work
 
 log = logging.getLogger("tomqueue.worker")
+
+
+EXIT_ABANDONED = 3  # the process exits for a restart (supervisors restart it)
 
 
 class WorkerStopping(BaseException):
@@ -46,6 +57,8 @@ def layer(work: Work, call_next: Next) -> None:
     inner = dataclasses.replace(work)  # an abandoned thread writes only to its own copy
     done = threading.Event()
     crash: list[BaseException] = []
+    later: list[Callable[[], None]] = []  # what to do when an abandoned thread ends
+    finish_lock = threading.Lock()
 
     def runner() -> None:
         try:
@@ -56,7 +69,10 @@ def layer(work: Work, call_next: Next) -> None:
             except BaseException as exc:  # SystemExit and friends raised by a job
                 crash.append(exc)
         finally:
-            done.set()
+            with finish_lock:
+                done.set()
+            for callback in later:
+                callback()
 
     thread = threading.Thread(
         target=runner, name=f"job-{work.note and work.note.job_id}", daemon=True
@@ -73,17 +89,20 @@ def layer(work: Work, call_next: Next) -> None:
         )
         return
     _interrupt(thread, interrupted)
-    if done.wait(work.ctx.config.timeout_grace):
-        work.outcome = inner.outcome
-    else:
-        _abandon(work, thread)
+    done.wait(_grace(work))
+    with finish_lock:
+        if not done.is_set():
+            _abandon(work, thread, started)  # exits at once if our lease is in danger
+            later.append(lambda: _release_abandoned(work))
+            return
+    work.outcome = inner.outcome
     if interrupted is WorkerStopping:
         work.outcome = Released("the worker stopped before the job finished")
     elif isinstance(work.outcome, Retry | Failed):  # say why, above the traceback
         work.outcome = dataclasses.replace(
             work.outcome, error=f"{_timeout_text(work)}\n{work.outcome.error}"
         )
-    else:  # abandoned, or it swallowed the interruption: the attempt counts all the same
+    else:  # it swallowed the interruption: the attempt counts all the same
         work.outcome = failure_outcome(
             work, JobTimeout(_timeout_text(work)), time.monotonic() - started
         )
@@ -107,7 +126,8 @@ def _watch(work: Work, done: threading.Event, deadline: float) -> type[BaseExcep
             if now >= ctx.stop_deadline:
                 return WorkerStopping
             wake = min(wake, ctx.stop_deadline)
-        wake = min(wake, now + 1.0)  # notice a stop request or a lost lease promptly
+        # notice a stop request or a lease in danger well within the lease margin
+        wake = min(wake, now + min(1.0, ctx.config.heartbeat_interval / 4))
         if now >= deadline:
             return JobTimeout
         if done.wait(max(0.0, wake - now)):
@@ -126,11 +146,60 @@ def _interrupt(thread: threading.Thread, exc_type: type[BaseException]) -> None:
     )
 
 
-def _abandon(work: Work, thread: threading.Thread) -> None:
+def _grace(work: Work) -> float:
+    """How long an interrupted job may take to stop. With the lease in danger, only as
+    long as the lease margin allows: past it, other workers may take the job over."""
+    config = work.ctx.config
+    if work.ctx.lease_valid():
+        return config.timeout_grace
+    return min(config.timeout_grace, config.heartbeat_interval / 2)
+
+
+def _abandon(work: Work, thread: threading.Thread, started: float) -> None:
+    """The job ignores its interruption (blocked in one long call, or swallowing it). A
+    thread cannot be killed, so the job must not run elsewhere while this thread lives: the
+    failed attempt is counted now but the row stays locked by this worker; when the thread
+    ends at last, the job is released for its retry (``_release_abandoned``). Past more
+    abandoned threads than job threads the worker exits for a restart, keeping its registry
+    row, so the lock lapses only ``lease_timeout`` after the process is gone. If the lease
+    is already in danger (database unreachable), the process exits at once: the only way to
+    be sure the job never runs twice at the same time."""
+    if not work.ctx.lease_valid():
+        log.critical(
+            "lease in danger with a job that ignores its interruption: exiting",
+            extra={**work.log_extra, "action": "exit_now"},
+        )
+        logging.shutdown()
+        os._exit(EXIT_ABANDONED)
     with work.ctx.lock:
         work.ctx.abandoned_threads += 1
+    work.abandoned = True
+    elapsed = time.monotonic() - started
+    work.outcome = failure_outcome(work, JobTimeout(_timeout_text(work)), elapsed)
+    error = work.outcome.error if isinstance(work.outcome, Retry | Failed) else ""
+    count_attempt_keeping_lock(work, error)
     log.error(
-        "job thread %s ignored its interruption and was abandoned",
+        "job thread %s ignored its interruption; its attempt is counted and the job stays "
+        "locked until the thread ends",
         thread.name,
         extra={**work.log_extra, "action": "thread_abandoned"},
     )
+
+
+def _release_abandoned(work: Work) -> None:
+    """In the abandoned thread, once it ends: record the retry (or failure) decided at
+    abandonment, without counting the attempt twice, and publish its notification."""
+    outcome = work.outcome
+    if isinstance(outcome, Retry | Failed):
+        work.outcome = dataclasses.replace(outcome, count_attempt=False)
+    try:
+        work.ctx.consumer.publish(record(work))
+    except Exception:
+        log.exception(
+            "could not release job %s after its thread ended; it is recovered when the "
+            "worker's lease lapses",
+            work.job.id if work.job else "?",
+        )
+    finally:
+        with work.ctx.lock:
+            work.ctx.abandoned_threads -= 1
