@@ -4,7 +4,7 @@ Services: PostgreSQL, MariaDB and RabbitMQ are *required* — a test that needs 
 (never skips) when it is down. Override the URLs with TOMQUEUE_TEST_POSTGRES_URL,
 TOMQUEUE_TEST_MYSQL_URL and TOMQUEUE_TEST_AMQP_URL.
 
-``stack`` is the behavioural matrix: every database × every transport.
+``stack`` is the behavioural matrix: every database x every transport.
 """
 
 from __future__ import annotations
