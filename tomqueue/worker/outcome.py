@@ -146,7 +146,8 @@ def _delete_all(conn: Connection, works: Sequence[Work]) -> set[int]:
     if not works:
         return set()
     pairs = [(_job_id(w), w.fence) for w in works]
-    mine = tuple_(Job.id, Job.fence).in_(pairs)
+    # the plain id IN (...) lets MariaDB use the primary key (a lone row-value IN is a scan)
+    mine = Job.id.in_([job_id for job_id, _ in pairs]) & tuple_(Job.id, Job.fence).in_(pairs)
     if conn.dialect.delete_returning:
         return set(conn.scalars(delete(Job).where(mine).returning(Job.id)))
     return {

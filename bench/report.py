@@ -1,0 +1,391 @@
+"""The table printed at the end, the targets from the issue with PASS/MISS, and the JSON.
+
+Column ``ours/DJ`` is how many times better ours is: rates ours ÷ baseline, times
+baseline ÷ ours; above 1 means ours wins.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Row = tuple[str, str, str, str, str, str, str, str]
+"""db, workload, metric, ours, baseline, ours/DJ, target, and the ``Check.name`` it shows."""
+HEADER = ("db", "workload", "metric", "ours", "DJ baseline", "ours/DJ", "target", "")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target of the issue, evaluated on one database."""
+
+    database: str
+    name: str
+    value: float | None
+    limit: float
+    higher_is_better: bool
+    text: str
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "n/a"
+        ok = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        return "PASS" if ok else "MISS"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "database": self.database,
+            "name": self.name,
+            "value": self.value,
+            "limit": self.limit,
+            "target": self.text,
+            "status": self.status,
+            "note": self.note,
+        }
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "MB":
+        return f"{value:.0f} MB"
+    return f"{value:.2f} ms" if abs(value) < 100 else f"{value:,.0f} ms"
+
+
+def better(ours: float | None, base: float | None, rate: bool) -> str:
+    if not ours or not base:
+        return "-"
+    return fmt(ours / base if rate else base / ours, "x")
+
+
+# --- targets ------------------------------------------------------------------------
+
+
+def checks(db: str, result: dict[str, Any]) -> list[Check]:
+    out: list[Check] = []
+    for workload, make in (
+        ("W1", _w1_checks),
+        ("W2", _w2_checks),
+        ("W3", _w3_checks),
+        ("W4", _w4_checks),
+    ):
+        if isinstance(result.get(workload), dict) and "error" not in result[workload]:
+            out += make(db, result[workload])
+    return out
+
+
+def _w1_checks(db: str, w1: dict[str, Any]) -> list[Check]:
+    return [
+        Check(db, "W1 processed/s vs DJ", w1["ratio_processed"], 5.0, True, ">= 5x DJ"),
+        Check(
+            db, "W1 enqueue/s (confirms)", w1["ours"]["enqueue_per_s"], 3000.0, True, ">= 3,000/s"
+        ),
+        *_bulk_checks(db, w1["ours"]["bulk"]),
+    ]
+
+
+def _bulk_checks(db: str, bulk: dict[str, Any]) -> list[Check]:
+    if not bulk.get("available"):
+        return []
+    return [
+        Check(db, "W1 enqueue_many/s (confirms)", bulk["enqueue_per_s"], 3000.0, True, ">= 3,000/s")
+    ]
+
+
+def _w2_checks(db: str, w2: dict[str, Any]) -> list[Check]:
+    sizes = w2["sizes"]
+    label = f"{_size(sizes[-1])}/{_size(sizes[0])}"
+    note = "" if sizes[-1] >= 1_000_000 else "target is for 1M rows: run with --large"
+    return [
+        Check(
+            db,
+            f"W2 {shape} per-job {label}",
+            shape_result["ratio_ours"],
+            1.2,
+            False,
+            "<= 1.2x",
+            note,
+        )
+        for shape, shape_result in w2["shapes"].items()
+    ]
+
+
+def _w3_checks(db: str, w3: dict[str, Any]) -> list[Check]:
+    ours = w3["ours"]
+    return [
+        Check(db, "W3 latency p50", ours.get("p50_ms"), 3.0, False, "<= 3 ms"),
+        Check(db, "W3 latency p99", ours.get("p99_ms"), 8.0, False, "<= 8 ms"),
+    ]
+
+
+def _w4_checks(db: str, w4: dict[str, Any]) -> list[Check]:
+    if "skipped" in w4:
+        return []
+    counts = [k for k in w4 if k.isdigit()]
+    if not counts:
+        return []
+    count = "200" if "200" in counts else counts[0]
+    note = "" if count == "200" else f"measured with {count} jobs (--quick)"
+    r = w4[count]
+    return [
+        Check(db, f"W4 {count} jobs lateness p50", r.get("p50_ms"), 10.0, False, "<= 10 ms", note),
+        Check(db, f"W4 {count} jobs lateness p99", r.get("p99_ms"), 50.0, False, "<= 50 ms", note),
+    ]
+
+
+def _size(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k" if n >= 1000 else str(n)
+
+
+# --- the table ----------------------------------------------------------------------
+
+
+def rows(db: str, result: dict[str, Any]) -> list[Row]:
+    makers: dict[str, Callable[[str, dict[str, Any]], list[Row]]] = {
+        "W1": _w1_rows,
+        "W2": _w2_rows,
+        "W3": _w3_rows,
+        "W4": _w4_rows,
+    }
+    out: list[Row] = []
+    for workload, make in makers.items():
+        value = result.get(workload)
+        if value is None:
+            continue
+        if "error" in value:
+            out.append((db, workload, "error", value["error"][:60], "", "", ""))
+        else:
+            out += make(db, value)
+    return out
+
+
+def _w1_rows(db: str, w1: dict[str, Any]) -> list[Row]:
+    o, b = w1["ours"], w1["baseline"]
+    bulk = o["bulk"]
+    bulk_value = fmt(bulk["enqueue_per_s"], "/s") if bulk["available"] else "n/a"
+    enq, done = (
+        (o["enqueue_per_s"], b["enqueue_per_s"]),
+        (o["processed_per_s"], b["processed_per_s"]),
+    )
+    return [
+        (
+            db,
+            "W1",
+            f"enqueue/s ({w1['jobs']:,} jobs)",
+            fmt(enq[0], "/s"),
+            fmt(enq[1], "/s"),
+            better(*enq, True),
+            ">= 3,000/s",
+            "W1 enqueue/s (confirms)",
+        ),
+        (
+            db,
+            "W1",
+            f"enqueue_many/s (batches of {bulk['batch']})"
+            if bulk["available"]
+            else "enqueue_many/s",
+            bulk_value,
+            "",
+            "",
+            ">= 3,000/s" if bulk["available"] else bulk.get("note", ""),
+            "W1 enqueue_many/s (confirms)" if bulk["available"] else "",
+        ),
+        (
+            db,
+            "W1",
+            f"processed/s ({w1['threads']} threads)",
+            fmt(done[0], "/s"),
+            fmt(done[1], "/s"),
+            better(*done, True),
+            ">= 5x DJ",
+            "W1 processed/s vs DJ",
+        ),
+        (
+            db,
+            "W1",
+            "worker peak RSS",
+            fmt(o["peak_rss_mb"], "MB"),
+            fmt(b["peak_rss_mb"], "MB"),
+            "",
+            "",
+            "",
+        ),
+    ]
+
+
+def _w2_rows(db: str, w2: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    label = f"{_size(w2['sizes'][-1])}/{_size(w2['sizes'][0])}"
+    for shape, s in w2["shapes"].items():
+        for size, r in s["sizes"].items():
+            o, b = r["ours"]["ms_per_job"], r["baseline"]["ms_per_job"]
+            cut = " (cut)" if r["baseline"].get("cut") else ""
+            out.append(
+                (
+                    db,
+                    "W2",
+                    f"{shape} {_size(int(size))}: ms/job",
+                    fmt(o),
+                    fmt(b) + cut,
+                    better(o, b, False),
+                    "",
+                    "",
+                )
+            )
+        out.append(
+            (
+                db,
+                "W2",
+                f"{shape} {label} per-job ratio",
+                fmt(s["ratio_ours"], "x"),
+                fmt(s["ratio_baseline"], "x"),
+                "",
+                "<= 1.2x (1M/10k)",
+                f"W2 {shape} per-job {label}",
+            )
+        )
+    return out
+
+
+def _w3_rows(db: str, w3: dict[str, Any]) -> list[Row]:
+    o, b = w3["ours"], w3["baseline"]
+    out: list[Row] = []
+    for p, target in (("p50", "<= 3 ms"), ("p95", ""), ("p99", "<= 8 ms")):
+        mine, theirs = o.get(f"{p}_ms"), b.get(f"{p}_ms")
+        out.append(
+            (
+                db,
+                "W3",
+                f"enqueue->start {p} (DJ sleep {b['sleep']:g}s)",
+                fmt(mine),
+                fmt(theirs),
+                better(mine, theirs, False),
+                target,
+                f"W3 latency {p}" if target else "",
+            )
+        )
+    slow = w3.get("baseline_default_sleep")
+    if slow:
+        mine, theirs = o.get("p50_ms"), slow.get("p50_ms")
+        out.append(
+            (
+                db,
+                "W3",
+                f"enqueue->start p50 (DJ sleep {slow['sleep']:g}s)",
+                fmt(mine),
+                fmt(theirs),
+                better(mine, theirs, False),
+                "",
+                "",
+            )
+        )
+    return out
+
+
+def _w4_rows(db: str, w4: dict[str, Any]) -> list[Row]:
+    if "skipped" in w4:
+        return [(db, "W4", "skipped: deferred manager not available", "", "", "", "", "")]
+    out: list[Row] = []
+    for count, r in ((k, v) for k, v in w4.items() if k.isdigit()):
+        for p, target in (("p50", "<= 10 ms"), ("p99", "<= 50 ms")):
+            name = f"W4 {count} jobs lateness {p}"
+            out.append(
+                (
+                    db,
+                    "W4",
+                    f"{count} jobs lateness {p}",
+                    fmt(r.get(f"{p}_ms")),
+                    "",
+                    "",
+                    target if count == "200" else "",
+                    name,
+                )
+            )
+        out += _w4_detail_rows(db, count, r)
+    return out
+
+
+def _w4_detail_rows(db: str, count: str, r: dict[str, Any]) -> list[Row]:
+    def pair(part: dict[str, Any] | None) -> str:
+        part = part or {}
+        return f"{fmt(part.get('p50_ms'))} / {fmt(part.get('p99_ms'))}"
+
+    rss = r["peak_rss_mb"]
+    rates = f"{fmt(r.get('due_rate_per_s'), '/s')} / {fmt(r.get('start_rate_per_s'), '/s')}"
+    return [
+        (
+            db,
+            "W4",
+            f"{count} jobs: deferred release p50/p99",
+            pair(r.get("release")),
+            "",
+            "",
+            "",
+            "",
+        ),
+        (
+            db,
+            "W4",
+            f"{count} jobs: release->start p50/p99",
+            pair(r.get("release_to_start")),
+            "",
+            "",
+            "",
+            "",
+        ),
+        (db, "W4", f"{count} jobs: due rate / start rate", rates, "", "", "", ""),
+        (
+            db,
+            "W4",
+            f"{count} jobs: first job's lateness",
+            fmt(r.get("first_job_ms")),
+            "",
+            "",
+            "",
+            "",
+        ),
+        (
+            db,
+            "W4",
+            f"{count} jobs: peak RSS worker/deferred",
+            f"{rss['worker']:.0f} / {rss['deferred']:.0f} MB",
+            "",
+            "",
+            "",
+            "",
+        ),
+    ]
+
+
+def render(table: list[Row], all_checks: list[Check]) -> str:
+    status = {(c.database, c.name): c.status for c in all_checks}
+    lines = [HEADER] + [(*row[:7], status.get((row[0], row[7]), "")) for row in table]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    text = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def render_checks(all_checks: list[Check]) -> str:
+    lines = ["Targets:"]
+    for c in all_checks:
+        value = "-" if c.value is None else f"{c.value:,.2f}"
+        note = f"  ({c.note})" if c.note else ""
+        lines.append(f"  {c.status:4}  {c.database:10}  {c.name:32} {value:>10}  {c.text}{note}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

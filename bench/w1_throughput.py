@@ -1,0 +1,140 @@
+"""W1 throughput: enqueue N no-op jobs, then one worker process drains them.
+
+Ours: ``tomqueue.enqueue`` one by one (INSERT + commit + publish with confirm), then a
+``tomqueue worker --threads N --exit-on-complete`` subprocess; processed/s is measured from
+its start until the table is empty. Baseline: Delayed::Job-style one-INSERT-per-job enqueue,
+then ``python -m bench.dj_baseline --threads N --exit-on-empty``. When tomqueue has
+``enqueue_many``, its rate (batches of ``BULK_BATCH``) is reported too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import tomqueue
+from bench import dj_baseline, procs
+from bench.env import Target, count_jobs, reset, table_empty
+from bench.jobs import Noop
+from bench.options import Options
+from tomqueue import handler as handlers
+
+BULK_BATCH = 1000
+
+
+def enqueue_ours(target: Target, count: int) -> float:
+    """Seconds to enqueue ``count`` jobs with ``tomqueue.enqueue`` (the first one also opens
+    the broker connection)."""
+    config = target.config
+    started = time.perf_counter()
+    for _ in range(count):
+        tomqueue.enqueue(Noop(), config=config)
+    return time.perf_counter() - started
+
+
+def enqueue_ours_bulk(target: Target, count: int) -> dict[str, Any]:
+    """``tomqueue.enqueue_many`` in batches of ``BULK_BATCH`` (when the library has it)."""
+    many = getattr(tomqueue, "enqueue_many", None)
+    if many is None:
+        return {"available": False, "note": "tomqueue has no enqueue_many yet"}
+    started = time.perf_counter()
+    for first in range(0, count, BULK_BATCH):
+        many([Noop() for _ in range(min(BULK_BATCH, count - first))], config=target.config)
+    seconds = time.perf_counter() - started
+    stored = count_jobs(target)
+    if stored != count:
+        raise RuntimeError(f"enqueue_many stored {stored} of {count} jobs")
+    return {
+        "available": True,
+        "batch": BULK_BATCH,
+        "enqueue_per_s": count / seconds,
+        "enqueue_seconds": seconds,
+        "note": f"enqueue_many, batches of {BULK_BATCH}",
+    }
+
+
+def enqueue_baseline(target: Target, count: int) -> float:
+    engine = dj_baseline.make_baseline_engine(target.url, 1)
+    text = handlers.dump(Noop())
+    started = time.perf_counter()
+    for _ in range(count):
+        dj_baseline.enqueue(engine, text)
+    seconds = time.perf_counter() - started
+    engine.dispose()
+    return seconds
+
+
+def drain(target: Target, proc: procs.Proc, timeout: float) -> float:
+    """Seconds from the process start until the table is empty."""
+    procs.wait_until(
+        lambda: table_empty(target) or not proc.running(), timeout, "an empty table", interval=0.05
+    )
+    seconds = time.monotonic() - proc.started
+    proc.wait(60)
+    if not table_empty(target):
+        raise RuntimeError(f"{proc.name} exited with jobs left; see {proc.log_path}")
+    return seconds
+
+
+def run_ours(target: Target, opts: Options) -> dict[str, Any]:
+    n = opts.sizes.w1_jobs
+    reset(target)
+    enqueue_s = enqueue_ours(target, n)
+    worker = procs.tomqueue_worker(target, opts.threads, True, "w1", profile=opts.profile)
+    try:
+        drain_s = drain(target, worker, timeout=max(120.0, n / 20))
+    finally:
+        worker.kill()
+        worker.close()
+    out = {
+        "enqueue_per_s": n / enqueue_s,
+        "enqueue_seconds": enqueue_s,
+        "processed_per_s": n / drain_s,
+        "drain_seconds": drain_s,
+        "peak_rss_mb": worker.peak_rss / 2**20,
+    }
+    reset(target)
+    out["bulk"] = enqueue_ours_bulk(target, n)
+    return out
+
+
+def run_baseline(target: Target, opts: Options) -> dict[str, Any]:
+    n = opts.sizes.w1_jobs
+    reset(target)
+    enqueue_s = enqueue_baseline(target, n)
+    proc = procs.dj_baseline(
+        target,
+        opts.baseline_threads,
+        "w1",
+        "--exit-on-empty",
+        "--sleep",
+        str(opts.sizes.dj_fast_sleep),
+    )
+    try:
+        drain_s = drain(target, proc, timeout=max(120.0, n / 20))
+        summary = proc.summary()
+    finally:
+        proc.kill()
+        proc.close()
+    return {
+        "enqueue_per_s": n / enqueue_s,
+        "enqueue_seconds": enqueue_s,
+        "processed_per_s": n / drain_s,
+        "drain_seconds": drain_s,
+        "peak_rss_mb": proc.peak_rss / 2**20,
+        "errors": summary.get("errors"),
+    }
+
+
+def run(target: Target, opts: Options) -> dict[str, Any]:
+    ours = run_ours(target, opts)
+    baseline = run_baseline(target, opts)
+    return {
+        "jobs": opts.sizes.w1_jobs,
+        "threads": opts.threads,
+        "baseline_threads": opts.baseline_threads,
+        "ours": ours,
+        "baseline": baseline,
+        "ratio_processed": ours["processed_per_s"] / baseline["processed_per_s"],
+        "ratio_enqueue": ours["enqueue_per_s"] / baseline["enqueue_per_s"],
+    }
