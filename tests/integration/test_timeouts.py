@@ -24,6 +24,16 @@ def row(config: tomqueue.Config, job_id: int) -> Job:
     return Job(**found._asdict())
 
 
+def released(config: tomqueue.Config, job_id: int) -> None:
+    """Wait (bounded) until an abandoned job's thread ended and the job was released."""
+    ledger.wait_for(
+        lambda: row(config, job_id).locked_at is None,
+        15,
+        0.1,
+        f"job {job_id} to be released when its thread ends",
+    )
+
+
 def assert_timed_out_attempt(job: Job) -> None:
     assert job.attempts == 1
     assert job.failed_at is None  # attempts left: rescheduled
@@ -63,6 +73,11 @@ def test_job_ignoring_the_interruption_is_still_counted(stack: Stack, ledger_pat
 
     worker = run_worker(config, threads=1, timeout=20)
 
+    # The attempt is counted at once, but the job stays locked while its thread still runs
+    # (no second run may start meanwhile); it is released for its retry when the thread ends.
+    counted = row(config, stubborn.id)
+    assert counted.attempts == 1 and "JobTimeout" in (counted.last_error or "")
+    released(config, stubborn.id)
     assert_timed_out_attempt(row(config, stubborn.id))
     assert ledger.counts(ledger_path, "ignored-JobTimeout") == {"stubborn": 1}
     assert ledger.markers(ledger_path) == ["next"]
@@ -79,6 +94,7 @@ def test_job_ignoring_the_interruption_with_spare_threads(stack: Stack, ledger_p
 
     worker = run_worker(config, threads=2, timeout=20)
 
+    released(config, stubborn.id)
     assert_timed_out_attempt(row(config, stubborn.id))
     assert sorted(ledger.markers(ledger_path)) == [f"next{i}" for i in range(4)]
     assert worker.counters.get("succeeded") == 4

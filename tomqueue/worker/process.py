@@ -218,8 +218,7 @@ class Worker:
 
     def _on_done(self, future: Future[None]) -> None:
         self._running.discard(future)
-        if self._buffer or self.ctx.stopping.is_set():  # otherwise a delivery wakes the loop
-            self.consumer.wake()
+        self.consumer.wake()  # a free thread: fetch (polling) or dispatch what is buffered
 
     def _requeue_stale(self) -> None:
         limit = time.monotonic() - self.config.delivery_hold_limit

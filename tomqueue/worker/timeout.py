@@ -18,10 +18,13 @@ import ctypes
 import dataclasses
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
+from tomqueue.db import utcnow
 from tomqueue.errors import JobTimeout
 from tomqueue.worker.invoke import failure_outcome
 from tomqueue.worker.outcome import (
@@ -74,12 +77,9 @@ def layer(work: Work, call_next: Next) -> None:
             for callback in later:
                 callback()
 
-    thread = threading.Thread(
-        target=runner, name=f"job-{work.note and work.note.job_id}", daemon=True
-    )
     started = time.monotonic()
     deadline = started + max_run_time(work)
-    thread.start()
+    thread = RUNNERS.run(runner)
     interrupted = _watch(work, done, deadline)
     if interrupted is None:
         work.outcome = inner.outcome or failure_outcome(
@@ -88,7 +88,9 @@ def layer(work: Work, call_next: Next) -> None:
             time.monotonic() - started,
         )
         return
-    _interrupt(thread, interrupted)
+    with finish_lock:  # never into a runner that already finished (it may be idle by now)
+        if not done.is_set():
+            _interrupt(thread, interrupted)
     done.wait(_grace(work))
     with finish_lock:
         if not done.is_set():
@@ -106,6 +108,52 @@ def layer(work: Work, call_next: Next) -> None:
         work.outcome = failure_outcome(
             work, JobTimeout(_timeout_text(work)), time.monotonic() - started
         )
+
+
+class _Runner(threading.Thread):
+    """A reusable thread that runs jobs for the timeout layer (no thread start per job)."""
+
+    def __init__(self, pool: RunnerPool) -> None:
+        super().__init__(name="tomqueue-runner", daemon=True)
+        self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.pool = pool
+
+    def run(self) -> None:
+        while True:
+            try:
+                _clear_interruption(self)
+                self.tasks.get()()
+            except BaseException:
+                pass
+            self.pool.give_back(self)
+
+
+class RunnerPool:
+    def __init__(self) -> None:
+        self._idle: list[_Runner] = []
+        self._lock = threading.Lock()
+
+    def run(self, task: Callable[[], None]) -> threading.Thread:
+        with self._lock:
+            runner = self._idle.pop() if self._idle else None
+        if runner is None:
+            runner = _Runner(self)
+            runner.start()
+        runner.tasks.put(task)
+        return runner
+
+    def give_back(self, runner: _Runner) -> None:
+        with self._lock:
+            self._idle.append(runner)
+
+
+RUNNERS = RunnerPool()
+
+
+def _clear_interruption(thread: threading.Thread) -> None:
+    """Drop an asynchronous exception still pending for this thread (NULL clears it)."""
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), None)
 
 
 def _watch(work: Work, done: threading.Event, deadline: float) -> type[BaseException] | None:
@@ -176,6 +224,7 @@ def _abandon(work: Work, thread: threading.Thread, started: float) -> None:
     work.abandoned = True
     elapsed = time.monotonic() - started
     work.outcome = failure_outcome(work, JobTimeout(_timeout_text(work)), elapsed)
+    work.abandoned_at = (work.locked_at or utcnow()) + timedelta(seconds=elapsed)
     error = work.outcome.error if isinstance(work.outcome, Retry | Failed) else ""
     count_attempt_keeping_lock(work, error)
     log.error(
@@ -190,6 +239,9 @@ def _release_abandoned(work: Work) -> None:
     """In the abandoned thread, once it ends: record the retry (or failure) decided at
     abandonment, without counting the attempt twice, and publish its notification."""
     outcome = work.outcome
+    if isinstance(outcome, Retry):  # the backoff starts now, when the job is released
+        delay = outcome.run_at - (work.abandoned_at or outcome.run_at)
+        outcome = dataclasses.replace(outcome, run_at=utcnow() + delay)
     if isinstance(outcome, Retry | Failed):
         work.outcome = dataclasses.replace(outcome, count_attempt=False)
     try:

@@ -62,6 +62,7 @@ class Work:
     load_error: str | None = None  # db_lock: why the handler could not be rebuilt
     give_up: str | None = None  # db_lock: crashed too often; fail without running
     abandoned: bool = False  # timeout: the job thread ignored its interruption
+    abandoned_at: datetime | None = None  # timeout: (database) time it was abandoned
     takeover: dict[str, Any] | None = None  # db_lock: crash counts when a dead lock was taken
     outcome: Outcome | None = None  # timeout / invoke: what happened
     follow_ups: list[Notification] = field(default_factory=list)  # published before the ack
