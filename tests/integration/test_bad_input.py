@@ -188,6 +188,7 @@ ODD_VALUES = {
     "bytes": b"\xff\x00\xfe\x80 not utf-8",
     "surrogate": "lone \udcff surrogate",
     "astral": "emoji 😀 and NUL-free ✓",
+    "nul": "text with a NUL \x00 inside (PostgreSQL rejects raw NUL in text columns)",
     "large": "x" * 1_000_000,
     "nested": {"a": [1, (2, b"\x00")], "b": {"c": None}},
 }
