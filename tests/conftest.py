@@ -115,34 +115,43 @@ def on_stacks(*pairs: tuple[str, str]) -> pytest.MarkDecorator:
     )
 
 
+@contextmanager
+def configured(config: Config, queue_sets: tuple[str, ...] = ()) -> Iterator[Config]:
+    """Migrate and empty the database, make ``config`` the process default; afterwards
+    restore the previous default and remove the broker objects and engines it made."""
+    reset_database(config)
+    previous = config_module._current
+    config_module.configure(config)
+    try:
+        yield config
+    finally:
+        config_module._current = previous
+        close_publishers()
+        delete_broker_objects(config, queue_sets)
+        dispose_engines()
+
+
 @pytest.fixture(params=STACK_PARAMS, ids=lambda p: f"{p[0]}-{p[1]}")
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     """A configured, migrated, empty database and (for amqp) a private broker prefix."""
     database, transport = request.param
     config = make_config(database, transport, tmp_path)
-    reset_database(config)
-    previous = config_module._current
-    config_module.configure(config)
-    try:
+    with configured(config, tuple(getattr(request, "queue_sets", ()))):
         yield Stack(database, transport, config)
-    finally:
-        config_module._current = previous
-        close_publishers()
-        delete_broker_objects(config, tuple(getattr(request, "queue_sets", ())))
-        dispose_engines()
 
 
 @pytest.fixture
 def sqlite_config(tmp_path: Path) -> Iterator[Config]:
     """SQLite + polling, configured as the process default: for fast unit tests."""
-    config = make_config("sqlite", "polling", tmp_path)
-    reset_database(config)
-    previous = config_module._current
-    config_module.configure(config)
-    yield config
-    config_module._current = previous
-    close_publishers()
-    dispose_engines()
+    with configured(make_config("sqlite", "polling", tmp_path)) as config:
+        yield config
+
+
+@pytest.fixture
+def pg_amqp(tmp_path: Path) -> Iterator[Config]:
+    """PostgreSQL + RabbitMQ, configured as the process default (e2e operations tests)."""
+    with configured(make_config("postgresql", "amqp", tmp_path)) as config:
+        yield config
 
 
 def job_count(config: Config) -> int:

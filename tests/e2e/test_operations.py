@@ -10,7 +10,6 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,11 @@ from tests import ledger
 from tests.conftest import (
     REPO_ROOT,
     WorkerProcess,
-    delete_broker_objects,
-    make_config,
-    reset_database,
     worker_env,
 )
 from tests.jobs import Boom, Record
-from tomqueue import config as config_module
 from tomqueue import enqueue
 from tomqueue.config import Config
-from tomqueue.db import dispose_engines
-from tomqueue.transport import close_publishers
 
 API = "http://127.0.0.1:15672/api"
 AUTH = "Basic " + base64.b64encode(b"guest:guest").decode()
@@ -66,19 +59,6 @@ def management() -> None:
             timeout=120,
         )
     ledger.wait_for(_api_up, 60, 0.5, "the RabbitMQ management API on :15672")
-
-
-@pytest.fixture
-def pg_amqp(tmp_path: Path) -> Iterator[Config]:
-    config = make_config("postgresql", "amqp", tmp_path)
-    reset_database(config)
-    previous = config_module._current
-    config_module.configure(config)
-    yield config
-    config_module._current = previous
-    close_publishers()
-    delete_broker_objects(config)
-    dispose_engines()
 
 
 def queue(config: Config, name: str) -> Any:

@@ -10,26 +10,18 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-
-import pytest
 
 from tests import ledger
 from tests.conftest import (
     REPO_ROOT,
-    delete_broker_objects,
     job_count,
-    make_config,
-    reset_database,
     worker_env,
 )
 from tests.jobs import Record, Sleepy
 from tomqueue import enqueue
 from tomqueue.config import Config
-from tomqueue.db import dispose_engines
-from tomqueue.transport import close_publishers
 
 CONF = REPO_ROOT / "docker" / "supervisord.conf"
 
@@ -86,21 +78,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-
-
-@pytest.fixture
-def pg_amqp(tmp_path: Path) -> Iterator[Config]:
-    config = make_config("postgresql", "amqp", tmp_path, sleep_delay=0.5)
-    reset_database(config)
-    from tomqueue import config as config_module
-
-    previous = config_module._current
-    config_module.configure(config)
-    yield config
-    config_module._current = previous
-    close_publishers()
-    delete_broker_objects(config)
-    dispose_engines()
 
 
 def test_supervisord_runs_restarts_and_stops_without_losing_jobs(

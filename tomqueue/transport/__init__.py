@@ -79,7 +79,7 @@ def make_consumer(
     threads: int = 1,
 ) -> Consumer:
     if config.uses_broker:
-        from tomqueue.transport.amqp import AmqpConsumer
+        from tomqueue.transport.amqp_consumer import AmqpConsumer
 
         return AmqpConsumer(
             config, queues, levels_in_range(config, *priority_range), prefetch=threads

@@ -1,0 +1,244 @@
+"""The worker's RabbitMQ consumer: one consumer per priority level and queue set.
+
+pika is not thread-safe. The connection is owned by the worker's main thread, which runs
+``poll`` (pika I/O, heartbeats); job threads reach it only through ``_call``, which schedules
+work on the owner thread with ``add_callback_threadsafe``. So heartbeats flow while jobs run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.exceptions import AMQPError
+
+from tomqueue.config import LEVELS, Config
+from tomqueue.errors import BrokerUnavailable
+from tomqueue.message import Notification
+from tomqueue.topology import Topology
+from tomqueue.transport.amqp import ConfirmedChannel, connect, declare_work
+from tomqueue.transport.base import Delivery
+
+log = logging.getLogger("tomqueue.amqp")
+T = TypeVar("T")
+
+READY_CHECK_INTERVAL = 0.05  # seconds between two "more urgent messages waiting?" checks
+
+
+class AmqpConsumer:
+    """The worker's side: consumes the queue sets it was given, one consumer per level."""
+
+    def __init__(
+        self,
+        config: Config,
+        queues: Sequence[str | None],
+        levels: Sequence[str] = LEVELS,
+        prefetch: int = 1,
+    ) -> None:
+        self.config = config
+        self.topology = Topology.of(config)
+        self.queue_sets = list(dict.fromkeys(queues or [None]))
+        self.levels: tuple[str, ...] = tuple(lv for lv in LEVELS if lv in levels)
+        # every job thread may be busy with one level while read_ahead more wait in buffer
+        self.prefetch = min(65535, prefetch + config.read_ahead)
+        self._owner = threading.get_ident()
+        self._connection: BlockingConnection | None = None
+        self._consume: BlockingChannel | None = None
+        self._publish: ConfirmedChannel | None = None
+        self._buffer: list[Delivery] = []
+        self._generation = 0
+        self._cancelled = False
+        self._last_ready_check = 0.0
+        self._acks: list[Delivery] = []
+        self._acks_lock = threading.Lock()
+
+    # --- owner thread ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._owner = threading.get_ident()
+        self._connection = connect(self.config, "worker")
+        self._generation += 1
+        with self._acks_lock:
+            self._acks = []  # tags of the old channel mean nothing on the new one
+        self._publish = ConfirmedChannel(self._connection, self.config)
+        self._consume = self._connection.channel()
+        self._cancelled = False
+        self._consume.add_on_cancel_callback(self._on_cancel)
+        self._consume.basic_qos(prefetch_count=self.prefetch)
+        for queue in self.queue_sets:
+            declare_work(self._consume, self.topology, queue)
+        for level in self.levels:  # most urgent first
+            for queue in self.queue_sets:
+                self._consume.basic_consume(
+                    self.topology.queue_name(queue, level), self._on_message(level)
+                )
+        log.info(
+            "consuming %s",
+            ", ".join(
+                self.topology.queue_name(q, lv) for lv in self.levels for q in self.queue_sets
+            ),
+        )
+
+    def _on_message(self, level: str) -> Callable[..., None]:
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+            self._buffer.append(
+                Delivery(
+                    body=body,
+                    level=level,
+                    headers=dict(props.headers or {}),
+                    tag=method.delivery_tag,
+                    received_at=time.monotonic(),
+                    redelivered=bool(method.redelivered),
+                    generation=self._generation,
+                )
+            )
+
+        return on_message
+
+    def _on_cancel(self, _frame: Any) -> None:
+        log.warning(
+            "the broker cancelled a consumer (queue deleted?); reconnecting",
+            extra={"action": "consumer_cancelled"},
+        )
+        self._cancelled = True
+
+    def poll(self, timeout: float, capacity: int) -> list[Delivery]:
+        assert self._connection is not None
+        if self._cancelled:
+            raise BrokerUnavailable("a consumer was cancelled by the broker")
+        if not self._buffer:
+            self._connection.process_data_events(time_limit=timeout)
+        else:
+            self._connection.process_data_events(0)
+        out, self._buffer = self._buffer, []
+        return out
+
+    def has_ready_above(self, level: str) -> bool:
+        """Asked before starting a less urgent job. Rate-limited: between checks, a more
+        urgent message that becomes ready is pushed to our own consumer at once anyway."""
+        assert self._publish is not None
+        now = time.monotonic()
+        if now - self._last_ready_check < READY_CHECK_INTERVAL:
+            return False
+        self._last_ready_check = now
+        for higher in self.levels[: self.levels.index(level)]:
+            for queue in self.queue_sets:
+                ok = self._publish.channel.queue_declare(
+                    self.topology.queue_name(queue, higher), passive=True
+                )
+                if ok.method.message_count:
+                    return True
+        return False
+
+    def is_drained(self) -> bool:
+        return not self._buffer and not any(
+            self._publish is not None
+            and self._publish.channel.queue_declare(
+                self.topology.queue_name(q, lv), passive=True
+            ).method.message_count
+            for lv in self.levels
+            for q in self.queue_sets
+        )
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(AMQPError):
+                connection.close()
+
+    # --- any thread ------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T], wait: bool = True) -> T | None:
+        if threading.get_ident() == self._owner:
+            return fn()
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            raise BrokerUnavailable("the worker's broker connection is closed")
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        connection.add_callback_threadsafe(run)
+        return future.result(timeout=self.config.publish_timeout) if wait else None
+
+    def ack(self, delivery: Delivery) -> None:
+        """Sent asynchronously: nothing waits for an ack (a lost one means a redelivery,
+        which the row's version and lock make harmless). Acks queue up and one wake-up of
+        the connection's thread sends all that are waiting."""
+        if delivery.claim_ack():
+            with self._acks_lock:
+                first = not self._acks
+                self._acks.append(delivery)
+            if first:
+                try:
+                    self._call(self._flush_acks, wait=False)
+                except BrokerUnavailable:
+                    with self._acks_lock:
+                        self._acks = []  # the broker requeues them: redeliveries are harmless
+                    raise
+
+    def _flush_acks(self) -> None:
+        """Send the queued acks. Through pika's asynchronous channel under the blocking one:
+        ``BlockingChannel.basic_ack`` flushes the socket on every call; these go out
+        together on the I/O loop's next pass."""
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+        channel = self._consume
+        if channel is None or not channel.is_open:
+            return
+        for delivery in acks:
+            if delivery.generation == self._generation:
+                channel._impl.basic_ack(delivery.tag)
+
+    def _ack_now(self, delivery: Delivery) -> None:
+        if (
+            delivery.generation == self._generation
+            and self._consume is not None
+            and self._consume.is_open
+        ):
+            self._consume.basic_ack(delivery.tag)
+
+    def ack_later(self, delivery: Delivery, after: float) -> None:
+        def schedule() -> None:
+            assert self._connection is not None
+            self._connection.call_later(after, lambda: self._ack_if_pending(delivery))
+
+        self._call(schedule, wait=False)
+
+    def _ack_if_pending(self, delivery: Delivery) -> None:
+        if delivery.claim_ack():
+            log.info(
+                "acknowledged the delivery of a long-running job early",
+                extra={"action": "early_ack"},
+            )
+            self._ack_now(delivery)
+
+    def requeue(self, delivery: Delivery) -> None:
+        def nack() -> None:
+            if delivery.generation == self._generation and self._consume is not None:
+                self._consume.basic_nack(delivery.tag, requeue=True)
+
+        if delivery.claim_ack():
+            self._call(nack)
+
+    def publish(self, notes: Sequence[Notification]) -> None:
+        if notes:
+            assert self._publish is not None
+            publish = self._publish
+            self._call(lambda: publish.publish(notes))
+
+    def wake(self) -> None:
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(AMQPError):
+                connection.add_callback_threadsafe(lambda: None)
