@@ -204,8 +204,15 @@ def _report(work: Work, written: bool, follow_up: Notification | None) -> list[N
         return []
     work.ctx.count(action)
     metrics.JOBS.labels(action, work.queue).inc()
-    metrics.RUN_SECONDS.labels(work.queue).observe(time.monotonic() - work.started)
-    log.info("job %s %s", work.job.id, action, extra={**work.log_extra, "action": action})
+    duration = time.monotonic() - work.started
+    metrics.RUN_SECONDS.labels(work.queue).observe(duration)
+    log.info(
+        "job %s %s in %.3fs",
+        work.job.id,
+        action,
+        duration,
+        extra={**work.log_extra, "action": action, "duration": round(duration, 6)},
+    )
     return [follow_up] if follow_up else []
 
 
