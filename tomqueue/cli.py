@@ -153,7 +153,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
-    w = sub.add_parser("worker", help="run jobs")
+    _worker_parser(sub.add_parser("worker", help="run jobs"))
+    d = sub.add_parser(
+        "deferred", help="run the deferred manager (options: see python -m deferred --help)"
+    )
+    d.add_argument(
+        "options",
+        nargs=argparse.REMAINDER,
+        help="--refresh-interval SECONDS, --stats-interval SECONDS, --metrics-port",
+    )
+    d.set_defaults(func=cmd_deferred)
+    r = sub.add_parser("republish", help="publish notifications again for due jobs")
+    r.add_argument("--all", action="store_true", help="every unfailed, unlocked job")
+    r.set_defaults(func=cmd_republish)
+    s = sub.add_parser("status", help="queues, jobs and workers")
+    s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--max-age",
+        type=float,
+        default=None,
+        help="exit 2 if the oldest ready job waited longer (seconds)",
+    )
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def _worker_parser(w: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--import",
         dest="imports",
@@ -183,28 +208,6 @@ def parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on 127.0.0.1:PORT (with -n, PORT+i)",
     )
     w.set_defaults(func=cmd_worker)
-    d = sub.add_parser(
-        "deferred", help="run the deferred manager (options: see python -m deferred --help)"
-    )
-    d.add_argument(
-        "options",
-        nargs=argparse.REMAINDER,
-        help="--refresh-interval SECONDS, --stats-interval SECONDS",
-    )
-    d.set_defaults(func=cmd_deferred)
-    r = sub.add_parser("republish", help="publish notifications again for due jobs")
-    r.add_argument("--all", action="store_true", help="every unfailed, unlocked job")
-    r.set_defaults(func=cmd_republish)
-    s = sub.add_parser("status", help="queues, jobs and workers")
-    s.add_argument("--json", action="store_true")
-    s.add_argument(
-        "--max-age",
-        type=float,
-        default=None,
-        help="exit 2 if the oldest ready job waited longer (seconds)",
-    )
-    s.set_defaults(func=cmd_status)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -162,10 +162,41 @@ def _seconds(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
+_POSITIVE_INTS = ("max_attempts", "read_ahead", "max_crashes")
+_POSITIVE_SECONDS = (
+    "max_run_time",
+    "sleep_delay",
+    "delivery_hold_limit",
+    "publish_timeout",
+    "heartbeat_interval",
+    "lease_timeout",
+    "sweep_interval",
+    "sweep_quiet",
+)
+_NONNEGATIVE_SECONDS = ("run_at_tolerance", "stop_grace", "timeout_grace")
+
+
 def _validate(c: Config) -> None:
+    _validate_names(c)
+    _validate_numbers(c)
+    _validate_relations(c)
+    for key, level in dict(c.priority_map).items():
+        _require(isinstance(key, int), "priority_map", "keys must be integers", key)
+        _require(level in LEVELS, "priority_map", f"values must be one of {LEVELS}", level)
     _require(
-        isinstance(c.database_url, str)
-        and c.database_url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "sqlite"),
+        c.exception_reporter is None or callable(c.exception_reporter),
+        "exception_reporter",
+        "must be callable",
+        c.exception_reporter,
+    )
+
+
+def _validate_names(c: Config) -> None:
+    url_ok = isinstance(c.database_url, str) and c.database_url.split(":", 1)[0].split("+", 1)[
+        0
+    ] in ("postgresql", "mysql", "sqlite")
+    _require(
+        url_ok,
         "database_url",
         "must be a SQLAlchemy URL for postgresql, mysql or sqlite",
         redact_url(c.database_url) if isinstance(c.database_url, str) else c.database_url,
@@ -183,40 +214,38 @@ def _validate(c: Config) -> None:
         "must be 1-100 letters, digits, '_', '.' or '-'",
         c.prefix,
     )
+    _require(
+        bool(QUEUE_NAME_RE.match(c.default_queue)),
+        "default_queue",
+        "must be 1-64 letters, digits, '_' or '-'",
+        c.default_queue,
+    )
+
+
+def _validate_numbers(c: Config) -> None:
     for name in ("destroy_failed_jobs", "delay_jobs"):
-        _require(
-            isinstance(getattr(c, name), bool), name, "must be True or False", getattr(c, name)
-        )
-    for name in ("max_attempts", "read_ahead", "max_crashes"):
         value = getattr(c, name)
-        _require(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            name,
-            "must be an integer >= 1",
-            value,
-        )
-    _require(c.read_ahead <= 65535, "read_ahead", "must be <= 65535 (AMQP prefetch)", c.read_ahead)
+        _require(isinstance(value, bool), name, "must be True or False", value)
+    for name in _POSITIVE_INTS:
+        value = getattr(c, name)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        _require(ok, name, "must be an integer >= 1", value)
     _require(
         isinstance(c.default_priority, int),
         "default_priority",
         "must be an integer",
         c.default_priority,
     )
-    for name in (
-        "max_run_time",
-        "sleep_delay",
-        "delivery_hold_limit",
-        "publish_timeout",
-        "heartbeat_interval",
-        "lease_timeout",
-        "sweep_interval",
-        "sweep_quiet",
-    ):
+    for name in _POSITIVE_SECONDS:
         value = getattr(c, name)
         _require(_seconds(value) and value > 0, name, "must be > 0 seconds", value)
-    for name in ("run_at_tolerance", "stop_grace", "timeout_grace"):
+    for name in _NONNEGATIVE_SECONDS:
         value = getattr(c, name)
         _require(_seconds(value) and value >= 0, name, "must be >= 0 seconds", value)
+
+
+def _validate_relations(c: Config) -> None:
+    _require(c.read_ahead <= 65535, "read_ahead", "must be <= 65535 (AMQP prefetch)", c.read_ahead)
     _require(
         c.lease_timeout >= 3 * c.heartbeat_interval,
         "lease_timeout",
@@ -228,21 +257,6 @@ def _validate(c: Config) -> None:
         "delivery_hold_limit",
         "must stay below RabbitMQ's consumer_timeout (1800 s)",
         c.delivery_hold_limit,
-    )
-    _require(
-        bool(QUEUE_NAME_RE.match(c.default_queue)),
-        "default_queue",
-        "must be 1-64 letters, digits, '_' or '-'",
-        c.default_queue,
-    )
-    for key, level in dict(c.priority_map).items():
-        _require(isinstance(key, int), "priority_map", "keys must be integers", key)
-        _require(level in LEVELS, "priority_map", f"values must be one of {LEVELS}", level)
-    _require(
-        c.exception_reporter is None or callable(c.exception_reporter),
-        "exception_reporter",
-        "must be callable",
-        c.exception_reporter,
     )
 
 

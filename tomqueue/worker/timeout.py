@@ -29,6 +29,7 @@ from tomqueue.errors import JobTimeout
 from tomqueue.worker.invoke import failure_outcome
 from tomqueue.worker.outcome import (
     Failed,
+    Outcome,
     Released,
     Retry,
     count_attempt_keeping_lock,
@@ -97,17 +98,19 @@ def layer(work: Work, call_next: Next) -> None:
             _abandon(work, thread, started)  # exits at once if our lease is in danger
             later.append(lambda: _release_abandoned(work))
             return
-    work.outcome = inner.outcome
+    work.outcome = _interrupted_outcome(work, inner.outcome, interrupted, started)
+
+
+def _interrupted_outcome(
+    work: Work, outcome: Outcome | None, interrupted: type[BaseException], started: float
+) -> Outcome:
+    """The outcome of a job that stopped after being interrupted."""
     if interrupted is WorkerStopping:
-        work.outcome = Released("the worker stopped before the job finished")
-    elif isinstance(work.outcome, Retry | Failed):  # say why, above the traceback
-        work.outcome = dataclasses.replace(
-            work.outcome, error=f"{_timeout_text(work)}\n{work.outcome.error}"
-        )
-    else:  # it swallowed the interruption: the attempt counts all the same
-        work.outcome = failure_outcome(
-            work, JobTimeout(_timeout_text(work)), time.monotonic() - started
-        )
+        return Released("the worker stopped before the job finished")
+    if isinstance(outcome, Retry | Failed):  # say why, above the traceback
+        return dataclasses.replace(outcome, error=f"{_timeout_text(work)}\n{outcome.error}")
+    # it swallowed the interruption: the attempt counts all the same
+    return failure_outcome(work, JobTimeout(_timeout_text(work)), time.monotonic() - started)
 
 
 class _Runner(threading.Thread):
