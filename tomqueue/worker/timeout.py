@@ -2,9 +2,9 @@
 
 - ``min(payload.max_run_time, config.max_run_time)`` passed → ``JobTimeout`` is raised inside
   the job (an asynchronous exception). If the job ignores it for ``timeout_grace`` seconds,
-  its thread is abandoned (it can no longer write: its fence is spent) and the attempt is
-  recorded as failed anyway. A process that collects more abandoned threads than it has
-  job threads asks to be restarted.
+  its attempt is counted at once but the job stays locked until its thread ends (see
+  ``_abandon``): a thread cannot be killed, and the job must never run twice at once. A
+  process with more such threads than job threads asks to be restarted.
 - The worker is stopping and ``stop_grace`` has passed → the job is interrupted the same way
   and released (unlocked, attempt not counted) so it runs again promptly elsewhere.
 - The heartbeat could not renew the worker's lease → the job is interrupted and released
