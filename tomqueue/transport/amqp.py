@@ -17,7 +17,6 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.exceptions import (
     AMQPChannelError,
     AMQPConnectionError,
-    AMQPError,
     ChannelClosedByBroker,
     NackError,
     UnroutableError,
@@ -50,15 +49,14 @@ def connect(config: Config, role: str) -> BlockingConnection:
     }
     try:
         return BlockingConnection(params)
-    except AMQPError as exc:
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    except Exception as exc:  # AMQPError, OSError, and pika's ValueError on a reset socket
         raise BrokerUnavailable(
-            f"cannot connect to the broker at {redact_url(config.amqp_url)}: {detail}"
+            f"cannot connect to the broker at {redact_url(config.amqp_url)}: {_detail(exc)}"
         ) from None
-    except OSError as exc:
-        raise BrokerUnavailable(
-            f"cannot connect to the broker at {redact_url(config.amqp_url)}: {exc}"
-        ) from None
+
+
+def _detail(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _declare_queue(channel: BlockingChannel, name: str) -> Any:

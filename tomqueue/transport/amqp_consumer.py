@@ -19,7 +19,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.exceptions import AMQPError
 
 from tomqueue.config import LEVELS, Config
-from tomqueue.errors import BrokerUnavailable
+from tomqueue.errors import BrokerUnavailable, ConfigError
 from tomqueue.message import Notification
 from tomqueue.topology import Topology
 from tomqueue.transport.amqp import ConfirmedChannel, connect, declare_work
@@ -66,8 +66,26 @@ class AmqpConsumer:
         self._generation += 1
         with self._acks_lock:
             self._acks = []  # tags of the old channel mean nothing on the new one
-        self._publish = ConfirmedChannel(self._connection, self.config)
-        self._consume = self._connection.channel()
+        try:
+            self._open_channels(self._connection)
+        except ConfigError:  # a queue of ours exists with other arguments: not transient
+            self.close()
+            raise
+        except (AMQPError, OSError, ValueError) as exc:  # the connection broke meanwhile
+            self.close()
+            raise BrokerUnavailable(
+                f"the broker connection broke while starting: {exc!r}"
+            ) from None
+        log.info(
+            "consuming %s",
+            ", ".join(
+                self.topology.queue_name(q, lv) for lv in self.levels for q in self.queue_sets
+            ),
+        )
+
+    def _open_channels(self, connection: BlockingConnection) -> None:
+        self._publish = ConfirmedChannel(connection, self.config)
+        self._consume = connection.channel()
         self._cancelled = False
         self._consume.add_on_cancel_callback(self._on_cancel)
         self._consume.basic_qos(prefetch_count=self.prefetch)
@@ -78,12 +96,6 @@ class AmqpConsumer:
                 self._consume.basic_consume(
                     self.topology.queue_name(queue, level), self._on_message(level)
                 )
-        log.info(
-            "consuming %s",
-            ", ".join(
-                self.topology.queue_name(q, lv) for lv in self.levels for q in self.queue_sets
-            ),
-        )
 
     def _on_message(self, level: str) -> Callable[..., None]:
         def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
