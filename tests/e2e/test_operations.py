@@ -115,7 +115,12 @@ def test_deferred_queue_unacked_count_equals_what_the_manager_holds(
             "the management API to show the manager's 25 held messages as unacked",
         )
         assert running.manager.held_count() == 25
-        assert queue(pg_amqp, name)["consumers"] == 1
+        ledger.wait_for(
+            lambda: queue(pg_amqp, name).get("consumers") == 1,
+            30,
+            0.5,
+            "the management API to show the manager as the one consumer",
+        )
     finally:
         running.stop()
 
