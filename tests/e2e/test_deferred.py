@@ -13,11 +13,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +28,7 @@ import pytest
 from tests import deferred_jobs
 from tests.conftest import delete_broker_objects, make_config, reset_database
 from tests.deferred_jobs import Timed, percentile
+from tests.e2e.faults.broker import PrivateBroker
 from tomqueue import Delayed
 from tomqueue.config import Config
 from tomqueue.db import dispose_engines
@@ -37,7 +36,6 @@ from tomqueue.topology import Topology
 from tomqueue.transport import close_publishers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")  # the scripts themselves, not Debian's su wrappers
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -333,115 +331,28 @@ def test_term_exits_0_promptly_and_returns_held_jobs_to_the_queue(
 # --- consumer_timeout: a private broker node -----------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-class RabbitNode:
-    """A RabbitMQ node of its own (ports, data, cookie, config) with consumer_timeout 5 s."""
-
-    def __init__(self, base: Path) -> None:
-        for tool in ("rabbitmq-server", "rabbitmqctl"):
-            assert (RABBIT_BIN / tool).exists(), f"{RABBIT_BIN / tool} is required"
-        self.base = base
-        self.port, dist, self.epmd = free_ports(3)
-        self.node = f"tqdeferred{uuid.uuid4().hex[:8]}@localhost"
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
-        (base / "home").mkdir()
-        (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
-        (base / "advanced.config").write_text(
-            "[{rabbit,[{consumer_timeout,5000},{channel_tick_interval,1000}]}].\n"
-        )
-        (base / "enabled_plugins").write_text("[].\n")
-        (base / "rabbitmq-env.conf").write_text("")
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))},
-            "HOME": str(base / "home"),
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(dist),
-            "ERL_EPMD_PORT": str(self.epmd),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.base / "server.out", "wb") as out:
-            self.proc = subprocess.Popen(
-                [str(RABBIT_BIN / "rabbitmq-server")],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for(self._accepts, 90, f"the private RabbitMQ node on port {self.port}")
-        assert "{ok,5000}" in self.ctl("eval", "application:get_env(rabbit, consumer_timeout).")
-
-    def _accepts(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, (
-            self.base / "server.out"
-        ).read_text(errors="replace")[-3000:]
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            pika.BlockingConnection(pika.URLParameters(self.url)).close()
-            return True
-        except (OSError, pika.exceptions.AMQPError):
-            return False
-
-    def ctl(self, *args: str) -> str:
-        return subprocess.run(
-            [str(RABBIT_BIN / "rabbitmqctl"), "-n", self.node, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout
-
-    def timeouts_logged(self) -> int:
-        text = "".join(p.read_text(errors="replace") for p in (self.base / "log").glob("*.log"))
-        return text.count("timed out waiting for delivery acknowledgement")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.ctl("stop")
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        subprocess.run(["epmd", "-port", str(self.epmd), "-kill"], capture_output=True, timeout=30)
+FAST_TIMEOUT = "[{rabbit,[{consumer_timeout,5000},{channel_tick_interval,1000}]}].\n"
 
 
 @pytest.fixture(scope="module")
-def fast_timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    node = RabbitNode(tmp_path_factory.mktemp("rabbit"))
+def fast_timeout_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
+    """A RabbitMQ node of its own (ports, data, config) with consumer_timeout 5 s."""
+    node = PrivateBroker(tmp_path_factory.mktemp("rabbit"), FAST_TIMEOUT, "tqdeferred")
     try:
         node.start()
+        assert "{ok,5000}" in node.ctl("eval", "application:get_env(rabbit, consumer_timeout).")
         yield node
     finally:
         node.stop()
 
 
 @pytest.fixture
-def node_config(fast_timeout_node: RabbitNode, tmp_path: Path) -> Iterator[Config]:
+def node_config(fast_timeout_node: PrivateBroker, tmp_path: Path) -> Iterator[Config]:
     yield from make_stack(tmp_path, fast_timeout_node.url)
 
 
 def test_refreshes_keep_deliveries_under_consumer_timeout(
-    fast_timeout_node: RabbitNode, node_config: Config, tmp_path: Path
+    fast_timeout_node: PrivateBroker, node_config: Config, tmp_path: Path
 ) -> None:
     cluster = Cluster(node_config, tmp_path)
     try:
@@ -461,7 +372,7 @@ def test_refreshes_keep_deliveries_under_consumer_timeout(
 
 
 def test_without_refresh_the_broker_closes_the_channel_and_the_manager_recovers(
-    fast_timeout_node: RabbitNode, node_config: Config, tmp_path: Path
+    fast_timeout_node: PrivateBroker, node_config: Config, tmp_path: Path
 ) -> None:
     cluster = Cluster(node_config, tmp_path)
     try:
@@ -478,7 +389,7 @@ def test_without_refresh_the_broker_closes_the_channel_and_the_manager_recovers(
 
 
 def test_a_broker_restart_loses_no_held_job(
-    fast_timeout_node: RabbitNode, node_config: Config, tmp_path: Path
+    fast_timeout_node: PrivateBroker, node_config: Config, tmp_path: Path
 ) -> None:
     cluster = Cluster(node_config, tmp_path)
     try:

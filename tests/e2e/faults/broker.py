@@ -84,18 +84,19 @@ def free_ports(count: int) -> list[int]:
 class PrivateBroker:
     """A RabbitMQ node of the test's own, on private ports, with default settings."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, advanced: str = "[].\n", name: str = "tqfaults") -> None:
+        """``advanced``: the node's advanced.config (e.g. a short consumer_timeout)."""
         for tool in ("rabbitmq-server", "rabbitmqctl"):
             assert (RABBIT_BIN / tool).exists(), f"{RABBIT_BIN / tool} is required"
         self.base = base
         self.port, dist, self.epmd = free_ports(3)
-        self.node = f"tqfaults{uuid.uuid4().hex[:8]}@localhost"
+        self.node = f"{name}{uuid.uuid4().hex[:8]}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
         (base / "home").mkdir(parents=True)
         (base / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
         )
-        (base / "advanced.config").write_text("[].\n")
+        (base / "advanced.config").write_text(advanced)
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq-env.conf").write_text("")
         self.env = {
@@ -144,6 +145,11 @@ class PrivateBroker:
             if time.monotonic() > deadline:
                 raise AssertionError(f"private RabbitMQ node not up after {timeout:g}s")
             time.sleep(0.1)
+
+    def timeouts_logged(self) -> int:
+        """How often the node closed a channel for an unacked delivery (consumer_timeout)."""
+        text = "".join(p.read_text(errors="replace") for p in (self.base / "log").glob("*.log"))
+        return text.count("timed out waiting for delivery acknowledgement")
 
     def ctl(self, *args: str, timeout: float = 60) -> str:
         return _ctl(["-n", self.node, *args], self.env, timeout)
