@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -23,6 +22,7 @@ from tests.conftest import (
     worker_env,
 )
 from tests.jobs import Boom, Record
+from tests.ports import free_port
 from tomqueue import enqueue
 from tomqueue.config import Config
 
@@ -125,12 +125,6 @@ def test_deferred_queue_unacked_count_equals_what_the_manager_holds(
         running.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
@@ -145,7 +139,7 @@ def _scrape(port: int) -> dict[str, float]:
 def test_worker_and_deferred_metrics_count_what_ran(
     pg_amqp: Config, ledger_path: str, tmp_path: Path
 ) -> None:
-    port, deferred_port = _free_port(), _free_port()
+    port, deferred_port = free_port(), free_port()
     for i in range(7):
         enqueue(Record(ledger_path, f"m{i}"))
     for i in range(2):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pika
 
+from tests.ports import free_ports
+
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")  # the scripts themselves, not Debian's su wrappers
 _NAME = re.compile(r'\{"connection_name","tomqueue-(?P<role>[a-z]+) \S+ pid:(?P<pid>\d+)"\}')
 
@@ -69,16 +71,6 @@ def close_connections(
                 _ctl([*(node_args or []), "close_connection", conn_pid, "test"], env)
                 closed += 1
     return closed
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 class PrivateBroker:
