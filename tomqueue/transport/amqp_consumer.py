@@ -28,6 +28,7 @@ from tomqueue.transport.base import Delivery
 log = logging.getLogger("tomqueue.amqp")
 T = TypeVar("T")
 
+DRAIN_SETTLE_SECONDS = 0.05  # for deliveries on their way when the queues look empty
 READY_CHECK_INTERVAL = 0.05  # seconds between two "more urgent messages waiting?" checks
 
 
@@ -45,8 +46,9 @@ class AmqpConsumer:
         self.topology = Topology.of(config)
         self.queue_sets = list(dict.fromkeys(queues or [None]))
         self.levels: tuple[str, ...] = tuple(lv for lv in LEVELS if lv in levels)
-        # every job thread may be busy with one level while read_ahead more wait in buffer
-        self.prefetch = min(65535, prefetch + config.read_ahead)
+        # every job place may hold one delivery running and one on its way up (recorded,
+        # not yet acked) while read_ahead more wait in the buffer
+        self.prefetch = min(65535, 2 * prefetch + config.read_ahead)
         self._owner = threading.get_ident()
         self._connection: BlockingConnection | None = None
         self._consume: BlockingChannel | None = None
@@ -149,14 +151,17 @@ class AmqpConsumer:
         return False
 
     def is_drained(self) -> bool:
-        return not self._buffer and not any(
-            self._publish is not None
-            and self._publish.channel.queue_declare(
-                self.topology.queue_name(q, lv), passive=True
-            ).method.message_count
-            for lv in self.levels
-            for q in self.queue_sets
-        )
+        """No message ready in our queues, and none already sent to us: deliveries the
+        broker dispatched before answering the declares are let in before saying so."""
+        if self._buffer or self._publish is None or self._connection is None:
+            return False
+        for level in self.levels:
+            for queue in self.queue_sets:
+                name = self.topology.queue_name(queue, level)
+                if self._publish.channel.queue_declare(name, passive=True).method.message_count:
+                    return False
+        self._connection.process_data_events(DRAIN_SETTLE_SECONDS)
+        return not self._buffer
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -184,13 +189,17 @@ class AmqpConsumer:
         return future.result(timeout=self.config.publish_timeout) if wait else None
 
     def ack(self, delivery: Delivery) -> None:
+        self.ack_many([delivery])
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Sent asynchronously: nothing waits for an ack (a lost one means a redelivery,
         which the row's version and lock make harmless). Acks queue up and one wake-up of
         the connection's thread sends all that are waiting."""
-        if delivery.claim_ack():
+        claimed = [d for d in deliveries if d.claim_ack()]
+        if claimed:
             with self._acks_lock:
                 first = not self._acks
-                self._acks.append(delivery)
+                self._acks += claimed
             if first:
                 try:
                     self._call(self._flush_acks, wait=False)
@@ -211,29 +220,6 @@ class AmqpConsumer:
         for delivery in acks:
             if delivery.generation == self._generation:
                 channel._impl.basic_ack(delivery.tag)
-
-    def _ack_now(self, delivery: Delivery) -> None:
-        if (
-            delivery.generation == self._generation
-            and self._consume is not None
-            and self._consume.is_open
-        ):
-            self._consume.basic_ack(delivery.tag)
-
-    def ack_later(self, delivery: Delivery, after: float) -> None:
-        def schedule() -> None:
-            assert self._connection is not None
-            self._connection.call_later(after, lambda: self._ack_if_pending(delivery))
-
-        self._call(schedule, wait=False)
-
-    def _ack_if_pending(self, delivery: Delivery) -> None:
-        if delivery.claim_ack():
-            log.info(
-                "acknowledged the delivery of a long-running job early",
-                extra={"action": "early_ack"},
-            )
-            self._ack_now(delivery)
 
     def requeue(self, delivery: Delivery) -> None:
         def nack() -> None:

@@ -48,10 +48,10 @@ class Consumer(Protocol):
         """Do I/O for up to ``timeout`` seconds; return new deliveries (main thread only)."""
 
     def ack(self, delivery: Delivery) -> None:
-        """Acknowledge (idempotent, thread-safe, waits until sent)."""
+        """Acknowledge (idempotent, thread-safe)."""
 
-    def ack_later(self, delivery: Delivery, after: float) -> None:
-        """Acknowledge after ``after`` seconds unless acknowledged before (thread-safe)."""
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge several at once (idempotent, thread-safe)."""
 
     def requeue(self, delivery: Delivery) -> None:
         """Give an unstarted delivery back (thread-safe)."""

@@ -147,8 +147,9 @@ class PollingConsumer:
             with self._lock:
                 self._in_flight.discard(delivery.tag)
 
-    def ack_later(self, delivery: Delivery, after: float) -> None:
-        pass  # nothing is held on a broker
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            self.ack(delivery)
 
     def requeue(self, delivery: Delivery) -> None:
         self.ack(delivery)

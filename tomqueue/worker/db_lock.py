@@ -8,11 +8,13 @@ Load the row by primary key (``FOR UPDATE``) and decide, with the database clock
 - otherwise lock it: ``locked_at``/``locked_by`` and a new fencing token. Taking over the
   lock of a dead worker counts a crash (and an attempt); past ``max_crashes`` the job is
   failed instead of run.
-Then rebuild the payload, run the layers below, and record the outcome (fenced).
+Then rebuild the payload and run the layers below; on the way back up, record the outcomes
+(fenced), all of a batch in one transaction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -22,40 +24,54 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from tomqueue import failpoints, handler, metrics
-from tomqueue.db import now_sql
+from tomqueue.db import now_sql, utcnow
 from tomqueue.errors import HandlerError
 from tomqueue.leases import holder_alive
 from tomqueue.message import Notification
 from tomqueue.schema import Job, jobs
 from tomqueue.worker import outcome
-from tomqueue.worker.work import Next, Work
+from tomqueue.worker.work import Batch, BatchNext, Work
 
 log = logging.getLogger("tomqueue.worker")
 
 
-def layer(work: Work, call_next: Next) -> None:
-    assert work.note is not None
-    if not _lock(work):
+def enter(batch: Batch, call_next: BatchNext) -> None:
+    """Lock what can run (one transaction for the batch); the rest stops here, with the
+    follow-up notification it calls for."""
+    if not batch[0].ctx.lease_valid():  # our locks may soon be taken over: take none
+        for work in batch:
+            work.stop("lease_in_danger")
+            work.follow_ups.append(_retry_soon(work))
         return
-    assert work.job is not None
-    work.ctx.running_jobs.add(work.job.id)
-    try:
-        _load_payload(work)
-        call_next(work)
-        if not work.abandoned:  # an abandoned job keeps its lock until the process is gone
-            work.follow_ups.extend(outcome.record(work))
-    finally:
-        work.ctx.running_jobs.discard(work.job.id)
-    failpoints.hit("worker.after_record")
+    taken = lock_batch(batch)
+    for work in batch:
+        if work in taken:
+            _load_payload(work)
+            work.ctx.running_jobs.add(work.job.id)  # type: ignore[union-attr]
+        else:
+            work.stop("not_taken")
+    if taken:
+        call_next([work for work in batch if work in taken])
 
 
-def _lock(work: Work) -> bool:
-    """Lock through the worker's group commit: concurrent job threads share one
-    transaction (``lock_batch``)."""
-    return work.ctx.locker.submit(work)
+def leave(batch: Batch, call_next: BatchNext) -> None:
+    """Record the outcomes of the jobs that ran (fenced, one transaction)."""
+    ran = [w for w in batch if w.job is not None and w.outcome is not None]
+    if ran:
+        for work, follow_ups in zip(ran, outcome.record_batch(ran), strict=True):
+            work.follow_ups.extend(follow_ups)
+            work.ctx.running_jobs.discard(work.job.id)  # type: ignore[union-attr]
+        failpoints.hit("worker.after_record")
+    call_next(batch)
 
 
-def lock_batch(works: Sequence[Work]) -> list[bool]:
+def _retry_soon(work: Work) -> Notification:
+    note = work.note
+    assert note is not None
+    return dataclasses.replace(note, run_at=utcnow() + timedelta(seconds=1))
+
+
+def lock_batch(works: Sequence[Work]) -> set[Work]:
     """Load the batch's rows ``FOR UPDATE`` (in id order: no deadlocks between workers),
     decide for each delivery, lock the ones to run with one statement; one commit."""
     ctx = works[0].ctx
@@ -90,7 +106,7 @@ def lock_batch(works: Sequence[Work]) -> list[bool]:
             )
     for job_id, work in taken.items():
         _hold(work, rows[job_id], now)
-    return [taken.get(_job_id(w)) is w for w in works]
+    return set(taken.values())
 
 
 def _job_id(work: Work) -> int:
@@ -208,8 +224,9 @@ def _load_payload(work: Work) -> None:
     assert work.job is not None
     try:
         work.payload = handler.load(work.job.handler, work.ctx.allowed_modules)
-    except HandlerError as exc:
-        work.load_error = f"HandlerError: {exc}"
+    except Exception as exc:  # HandlerError, or a bug of ours: the job cannot be rebuilt
+        kind = "HandlerError" if isinstance(exc, HandlerError) else type(exc).__name__
+        work.load_error = f"{kind}: {exc}"
         log.error(
             "job %s has a handler this worker will not load: %s",
             work.job.id,

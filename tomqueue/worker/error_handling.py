@@ -1,8 +1,9 @@
 """Layer 1 — error handling: nothing a job does or a message contains stops the worker.
 
-Anything that escapes the lower layers (database down, broker gone, a bug) is logged with
-the job's keys, handed to ``exception_reporter``, and the delivery is given back to the
-broker after a short bounded backoff so a struggling dependency is not hammered.
+Anything that escapes the layers below, on the way down or back up (database down, broker
+gone, a bug), is logged with the jobs' keys and handed to ``exception_reporter``; after a
+short bounded backoff, so a struggling dependency is not hammered, the deliveries that were
+not yet handed to a job are given back to the broker.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from tomqueue.worker.work import Next, Work
+from tomqueue.worker.work import Batch, BatchNext, Work
 
 log = logging.getLogger("tomqueue.worker")
 
@@ -27,18 +28,34 @@ def report(work: Work, exc: BaseException) -> None:
         log.exception("exception_reporter failed", extra={"action": "report_failed"})
 
 
-def layer(work: Work, call_next: Next) -> None:
+def enter(batch: Batch, call_next: BatchNext) -> None:
     try:
-        call_next(work)
+        call_next(batch)
     except Exception as exc:
-        work.ctx.count("internal_error")
-        log.exception(
-            "worker error while handling a delivery: %s",
-            exc,
-            extra={**work.log_extra, "action": "internal_error"},
-        )
-        report(work, exc)
-        time.sleep(BACKOFF_SECONDS)
+        _give_back(batch, exc, "while taking jobs")
+
+
+def leave(batch: Batch, call_next: BatchNext) -> None:
+    try:
+        call_next(batch)
+    except Exception as exc:
+        _give_back(batch, exc, "while recording outcomes")
+
+
+def _give_back(batch: Batch, exc: Exception, when: str) -> None:
+    first = batch[0]
+    first.ctx.count("internal_error")
+    log.exception(
+        "worker error %s (%d deliveries): %s",
+        when,
+        len(batch),
+        exc,
+        extra={**first.log_extra, "action": "internal_error"},
+    )
+    report(first, exc)
+    time.sleep(BACKOFF_SECONDS)
+    for work in batch:
+        work.requeued = True
         try:
             work.ctx.consumer.requeue(work.delivery)
         except Exception:

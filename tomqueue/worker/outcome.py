@@ -90,12 +90,6 @@ def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
     return text
 
 
-def record(work: Work) -> list[Notification]:
-    """Write ``work.outcome`` (fenced) through the worker's group commit; return the
-    notifications to publish before the ack."""
-    return work.ctx.recorder.submit(work)
-
-
 def record_batch(works: Sequence[Work]) -> list[list[Notification]]:
     """Write every outcome of the batch in one transaction, retried on database errors
     (the outcome is known; only writing it is left). Plain deletions (successes) go in one

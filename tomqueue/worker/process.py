@@ -17,7 +17,6 @@ import sysconfig
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 
 from pika.exceptions import AMQPError
@@ -33,8 +32,8 @@ from tomqueue.registry import Heartbeat
 from tomqueue.sweeper import PeriodicSweeper
 from tomqueue.transport import Delivery, make_consumer
 from tomqueue.transport.base import Consumer
-from tomqueue.worker import stack
-from tomqueue.worker.work import Context, Work
+from tomqueue.worker.pipeline import Pipeline
+from tomqueue.worker.work import Context
 
 log = logging.getLogger("tomqueue.worker")
 
@@ -88,8 +87,7 @@ class Worker:
         )
         self.ctx.lease_valid = self.heartbeat.lease_valid
         self.sweeper = PeriodicSweeper(config, self.name)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tomqueue-job")
-        self._running: set[Future[None]] = set()
+        self.pipeline = Pipeline(self.ctx, threads, self.consumer.wake)
         self._buffer: list[Delivery] = []
         self._signals = 0
 
@@ -109,6 +107,7 @@ class Worker:
         self._check_database()
         self.heartbeat.start()
         self.sweeper.start()
+        self.pipeline.start()
         try:
             self._connect()
             self._loop()
@@ -125,6 +124,7 @@ class Worker:
         if not self.ctx.stopping.is_set():
             self.ctx.stop_deadline = time.monotonic() + self.config.stop_grace
             self.ctx.stopping.set()
+            self.pipeline.watchdog.poke()
             self.consumer.wake()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -181,44 +181,36 @@ class Worker:
                 )
                 self.request_stop()
                 break
-            free = self.threads - len(self._running)
+            free = self.pipeline.free()
             try:
-                self._buffer += self.consumer.poll(
-                    0 if (self._buffer and free) else 0.5, free - len(self._buffer)
-                )
+                wait = 0 if (self._buffer and free > 0) else 0.5
+                self._buffer += self.consumer.poll(wait, max(0, free - len(self._buffer)))
                 self._dispatch()
             except (AMQPError, BrokerUnavailable) as exc:
                 self._reconnect(exc)
             if (
                 self.exit_on_complete
-                and not self._running
                 and not self._buffer
+                and self.pipeline.idle()
                 and self.consumer.is_drained()
             ):
                 log.info("no more jobs: exiting (--exit-on-complete)")
                 break
 
     def _dispatch(self) -> None:
+        """Hand the most urgent buffered deliveries to the free job places. Before starting a
+        less urgent level, a more urgent message already on its way is let in first."""
         self._requeue_stale()
-        waited = False
-        while self._buffer and len(self._running) < self.threads:
-            delivery = min(self._buffer, key=lambda d: (LEVELS.index(d.level), d.received_at))
-            if (
-                delivery.level != LEVELS[0]
-                and not waited
-                and self.consumer.has_ready_above(delivery.level)
-            ):
-                waited = True  # a more urgent message is on its way: let it arrive first
-                self._buffer += self.consumer.poll(0.05, 0)
-                continue
-            self._buffer.remove(delivery)
-            future = self._pool.submit(stack.run, Work(self.ctx, delivery))
-            self._running.add(future)
-            future.add_done_callback(self._on_done)
-
-    def _on_done(self, future: Future[None]) -> None:
-        self._running.discard(future)
-        self.consumer.wake()  # a free thread: fetch (polling) or dispatch what is buffered
+        free = self.pipeline.free()
+        if not self._buffer or free <= 0 or not self.ctx.lease_valid():
+            return
+        self._buffer.sort(key=_urgency)
+        level = self._buffer[0].level
+        if level != LEVELS[0] and self.consumer.has_ready_above(level):
+            self._buffer += self.consumer.poll(0.05, 0)
+            self._buffer.sort(key=_urgency)
+        chosen, self._buffer = self._buffer[:free], self._buffer[free:]
+        self.pipeline.submit(chosen)
 
     def _requeue_stale(self) -> None:
         limit = time.monotonic() - self.config.delivery_hold_limit
@@ -238,23 +230,29 @@ class Worker:
         self._connect()
 
     def _drain(self) -> None:
-        """Let running jobs finish (or be released), keeping the connection's I/O going."""
+        """Let running jobs finish (or be released), keeping the connection's I/O going:
+        the acks and follow-up notifications of the last jobs go through it."""
         for delivery in self._buffer:
             try:
                 self.consumer.requeue(delivery)
             except Exception:  # the broker redelivers unacked messages anyway
                 break
         self._buffer.clear()
-        while self._running:
+        while not self.pipeline.idle():
             try:
                 self.consumer.poll(0.1, 0)
             except (AMQPError, BrokerUnavailable):
                 time.sleep(0.1)
-        self._pool.shutdown(wait=False)
+        self.pipeline.stop()
         self.consumer.close()
 
     def _needs_restart(self) -> bool:
         return self.ctx.abandoned_threads > self.threads
+
+
+def _urgency(delivery: Delivery) -> tuple[int, float]:
+    level = LEVELS.index(delivery.level) if delivery.level in LEVELS else 1
+    return level, delivery.received_at
 
 
 def application_modules() -> frozenset[str]:
@@ -293,13 +291,17 @@ def work_off(
     ctx = Context(config, get_engine(config), consumer, allowed, default_worker_name())
     registration = Heartbeat(config, ctx.engine, ctx.name, [])
     registration.register()  # so other workers see this process's locks as held
+    pipeline = Pipeline(ctx, 1, wake_main=lambda: None)
+    pipeline.start()
     try:
         for _ in range(num):
             found = consumer.fetch(1)
             if not found:
                 break
-            stack.run(Work(ctx, found[0]))
+            pipeline.submit(found)
+            pipeline.wait_idle()
     finally:
+        pipeline.stop()
         registration.stop()
     successes = ctx.counters.get("succeeded", 0)
     return successes, ctx.counters.get("retry", 0) + ctx.counters.get("failed", 0)

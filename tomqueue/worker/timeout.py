@@ -1,10 +1,12 @@
-"""Layer 4 — timeout: the job runs in a runner thread that this layer watches.
+"""Layer 4 — timeout: the job runs in this job thread, watched by the watchdog.
 
 - ``min(payload.max_run_time, config.max_run_time)`` passed → ``JobTimeout`` is raised inside
-  the job (an asynchronous exception). If the job ignores it for ``timeout_grace`` seconds,
-  its attempt is counted at once but the job stays locked until its thread ends (see
-  ``_abandon``): a thread cannot be killed, and the job must never run twice at once. A
-  process with more such threads than job threads asks to be restarted.
+  the job (an asynchronous exception) and the attempt counts as failed. If the job ignores
+  it for ``timeout_grace`` seconds, it is *abandoned* (``abandon``): its attempt is counted
+  at once, its delivery acked and its place taken by a new job thread, but the row stays
+  locked until the thread ends (a thread cannot be killed, and a job must never run twice
+  at once); then the job is released for its retry. A process with more abandoned threads
+  than job threads asks to be restarted.
 - The worker is stopping and ``stop_grace`` has passed → the job is interrupted the same way
   and released (unlocked, attempt not counted) so it runs again promptly elsewhere.
 - The heartbeat could not renew the worker's lease → the job is interrupted and released
@@ -14,31 +16,21 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
+import math
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
 
 from tomqueue.db import utcnow
 from tomqueue.errors import JobTimeout
 from tomqueue.worker.invoke import failure_outcome
-from tomqueue.worker.outcome import (
-    Failed,
-    Outcome,
-    Released,
-    Retry,
-    count_attempt_keeping_lock,
-    record,
-)
+from tomqueue.worker.outcome import Failed, Outcome, Released, Retry, count_attempt_keeping_lock
+from tomqueue.worker.watchdog import Slot, clear_interruption
 from tomqueue.worker.work import Next, Work
 
 log = logging.getLogger("tomqueue.worker")
-
 
 EXIT_ABANDONED = 3  # the process exits for a restart (supervisors restart it)
 
@@ -58,143 +50,82 @@ def max_run_time(work: Work) -> float:
 
 
 def layer(work: Work, call_next: Next) -> None:
-    inner = dataclasses.replace(work)  # an abandoned thread writes only to its own copy
-    done = threading.Event()
-    crash: list[BaseException] = []
-    later: list[Callable[[], None]] = []  # what to do when an abandoned thread ends
-    finish_lock = threading.Lock()
-
-    def runner() -> None:
+    watchdog = work.ctx.watchdog
+    assert watchdog is not None
+    now = time.monotonic()
+    hold = work.delivery.received_at + work.ctx.config.delivery_hold_limit
+    slot = watchdog.watch(work, now + max_run_time(work), hold)
+    crash: BaseException | None = None
+    try:
         try:
-            try:
-                call_next(inner)
-            except WorkerStopping:
-                pass
-            except BaseException as exc:  # SystemExit and friends raised by a job
-                crash.append(exc)
+            call_next(work)
+        except BaseException as exc:  # SystemExit and friends raised by a job, interruptions
+            crash = exc
         finally:
-            with finish_lock:
-                done.set()
-            for callback in later:
-                callback()
-
-    started = time.monotonic()
-    deadline = started + max_run_time(work)
-    thread = RUNNERS.run(runner)
-    interrupted = _watch(work, done, deadline)
-    if interrupted is None:
-        work.outcome = inner.outcome or failure_outcome(
-            work,
-            crash[0] if crash else RuntimeError("the job ended without an outcome"),
-            time.monotonic() - started,
-        )
-        return
-    with finish_lock:  # never into a runner that already finished (it may be idle by now)
-        if not done.is_set():
-            _interrupt(thread, interrupted)
-    done.wait(_grace(work))
-    with finish_lock:
-        if not done.is_set():
-            _abandon(work, thread, started)  # exits at once if our lease is in danger
-            later.append(lambda: _release_abandoned(work))
-            return
-    work.outcome = _interrupted_outcome(work, inner.outcome, interrupted, started)
+            slot.finish()
+            clear_interruption()
+    except BaseException:  # the interruption was raised just as the job returned
+        slot.finish()
+        clear_interruption()
+    watchdog.unwatch(slot)
+    work.outcome = _decide(work, slot, crash)
 
 
-def _interrupted_outcome(
-    work: Work, outcome: Outcome | None, interrupted: type[BaseException], started: float
-) -> Outcome:
-    """The outcome of a job that stopped after being interrupted."""
-    if interrupted is WorkerStopping:
+def _decide(work: Work, slot: Slot, crash: BaseException | None) -> Outcome:
+    elapsed = time.monotonic() - slot.started
+    if slot.abandoned:
+        slot.abandon_done.wait()
+        return _released_after_abandon(work)
+    if slot.interrupted is WorkerStopping:
         return Released("the worker stopped before the job finished")
-    if isinstance(outcome, Retry | Failed):  # say why, above the traceback
-        return dataclasses.replace(outcome, error=f"{_timeout_text(work)}\n{outcome.error}")
-    # it swallowed the interruption: the attempt counts all the same
-    return failure_outcome(work, JobTimeout(_timeout_text(work)), time.monotonic() - started)
+    if slot.interrupted is JobTimeout:
+        if isinstance(work.outcome, Retry | Failed) and crash is None:  # say why, first
+            error = f"{_timeout_text(work)}\n{work.outcome.error}"
+            return dataclasses.replace(work.outcome, error=error)
+        # it swallowed the interruption: the attempt counts all the same
+        return failure_outcome(work, JobTimeout(_timeout_text(work)), elapsed)
+    if crash is not None:
+        return failure_outcome(work, crash, elapsed)
+    return work.outcome or failure_outcome(work, RuntimeError("no outcome"), elapsed)
 
 
-class _Runner(threading.Thread):
-    """A reusable thread that runs jobs for the timeout layer (no thread start per job)."""
-
-    def __init__(self, pool: RunnerPool) -> None:
-        super().__init__(name="tomqueue-runner", daemon=True)
-        self.tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.pool = pool
-
-    def run(self) -> None:
-        while True:
+def attend(slot: Slot, now: float) -> float:
+    """The watchdog's decision for one running job; returns when to look again."""
+    ctx = slot.work.ctx
+    if slot.interrupted is None:
+        stop = ctx.stop_deadline if ctx.stop_deadline is not None else math.inf
+        if now >= stop or not ctx.lease_valid():
+            slot.interrupt(WorkerStopping)
+        elif now >= slot.deadline:
+            slot.interrupt(JobTimeout)
+        else:
+            if now >= slot.hold_deadline:
+                _ack_early(slot)
+            return min(slot.deadline, slot.hold_deadline, stop)
+    if slot.interrupted is not None and not slot.abandoned:
+        give_up = slot.interrupted_at + _grace(slot.work)
+        if now < give_up:
+            return give_up
+        if slot.mark_abandoned():
             try:
-                _clear_interruption(self)
-                self.tasks.get()()
-            except BaseException:
-                pass
-            self.pool.give_back(self)
+                abandon(slot)
+            finally:
+                slot.abandon_done.set()
+    return math.inf
 
 
-class RunnerPool:
-    def __init__(self) -> None:
-        self._idle: list[_Runner] = []
-        self._lock = threading.Lock()
-
-    def run(self, task: Callable[[], None]) -> threading.Thread:
-        with self._lock:
-            runner = self._idle.pop() if self._idle else None
-        if runner is None:
-            runner = _Runner(self)
-            runner.start()
-        runner.tasks.put(task)
-        return runner
-
-    def give_back(self, runner: _Runner) -> None:
-        with self._lock:
-            self._idle.append(runner)
-
-
-RUNNERS = RunnerPool()
-
-
-def _clear_interruption(thread: threading.Thread) -> None:
-    """Drop an asynchronous exception still pending for this thread (NULL clears it)."""
-    if thread.ident is not None:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), None)
-
-
-def _watch(work: Work, done: threading.Event, deadline: float) -> type[BaseException] | None:
-    """Wait for the job; return the exception type to interrupt it with, or None if done."""
-    ctx = work.ctx
-    while True:
-        now = time.monotonic()
-        wake = deadline
-        if work.hold_deadline is not None and work.on_long_run is not None:
-            if now >= work.hold_deadline:
-                work.on_long_run()
-                work.on_long_run = None
-            else:
-                wake = min(wake, work.hold_deadline)
-        if not ctx.lease_valid():
-            return WorkerStopping  # other workers may take the job over soon: stop it now
-        if ctx.stop_deadline is not None:
-            if now >= ctx.stop_deadline:
-                return WorkerStopping
-            wake = min(wake, ctx.stop_deadline)
-        # notice a stop request or a lease in danger well within the lease margin
-        wake = min(wake, now + min(1.0, ctx.config.heartbeat_interval / 4))
-        if now >= deadline:
-            return JobTimeout
-        if done.wait(max(0.0, wake - now)):
-            return None
+def _ack_early(slot: Slot) -> None:
+    slot.hold_deadline = math.inf
+    work = slot.work
+    work.ctx.consumer.ack_many([work.delivery])
+    log.info(
+        "acknowledged the delivery of a long-running job early",
+        extra={**work.log_extra, "action": "early_ack"},
+    )
 
 
 def _timeout_text(work: Work) -> str:
     return f"execution expired: the job ran longer than max_run_time ({max_run_time(work):g} s)"
-
-
-def _interrupt(thread: threading.Thread, exc_type: type[BaseException]) -> None:
-    if thread.ident is None:
-        return
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type)
-    )
 
 
 def _grace(work: Work) -> float:
@@ -206,15 +137,16 @@ def _grace(work: Work) -> float:
     return min(config.timeout_grace, config.heartbeat_interval / 2)
 
 
-def _abandon(work: Work, thread: threading.Thread, started: float) -> None:
+def abandon(slot: Slot) -> None:
     """The job ignores its interruption (blocked in one long call, or swallowing it). A
     thread cannot be killed, so the job must not run elsewhere while this thread lives: the
     failed attempt is counted now but the row stays locked by this worker; when the thread
-    ends at last, the job is released for its retry (``_release_abandoned``). Past more
+    ends at last, the job is released for its retry (``_released_after_abandon``). Past more
     abandoned threads than job threads the worker exits for a restart, keeping its registry
     row, so the lock lapses only ``lease_timeout`` after the process is gone. If the lease
     is already in danger (database unreachable), the process exits at once: the only way to
     be sure the job never runs twice at the same time."""
+    work = slot.work
     if not work.ctx.lease_valid():
         log.critical(
             "lease in danger with a job that ignores its interruption: exiting",
@@ -225,36 +157,28 @@ def _abandon(work: Work, thread: threading.Thread, started: float) -> None:
     with work.ctx.lock:
         work.ctx.abandoned_threads += 1
     work.abandoned = True
-    elapsed = time.monotonic() - started
-    work.outcome = failure_outcome(work, JobTimeout(_timeout_text(work)), elapsed)
+    elapsed = time.monotonic() - slot.started
+    outcome = failure_outcome(work, JobTimeout(_timeout_text(work)), elapsed)
+    work.abandoned_outcome = outcome
     work.abandoned_at = (work.locked_at or utcnow()) + timedelta(seconds=elapsed)
-    error = work.outcome.error if isinstance(work.outcome, Retry | Failed) else ""
+    error = outcome.error if isinstance(outcome, Retry | Failed) else ""
     count_attempt_keeping_lock(work, error)
+    work.ctx.consumer.ack_many([work.delivery])
     log.error(
-        "job thread %s ignored its interruption; its attempt is counted and the job stays "
+        "a job thread ignored its interruption; its attempt is counted and the job stays "
         "locked until the thread ends",
-        thread.name,
         extra={**work.log_extra, "action": "thread_abandoned"},
     )
 
 
-def _release_abandoned(work: Work) -> None:
-    """In the abandoned thread, once it ends: record the retry (or failure) decided at
-    abandonment, without counting the attempt twice, and publish its notification."""
-    outcome = work.outcome
-    if isinstance(outcome, Retry):  # the backoff starts now, when the job is released
+def _released_after_abandon(work: Work) -> Outcome:
+    """Once the abandoned thread ends: the retry (or failure) decided at abandonment,
+    without counting the attempt twice; the backoff starts now, at the release."""
+    outcome = work.abandoned_outcome
+    assert outcome is not None
+    if isinstance(outcome, Retry):
         delay = outcome.run_at - (work.abandoned_at or outcome.run_at)
         outcome = dataclasses.replace(outcome, run_at=utcnow() + delay)
     if isinstance(outcome, Retry | Failed):
-        work.outcome = dataclasses.replace(outcome, count_attempt=False)
-    try:
-        work.ctx.consumer.publish(record(work))
-    except Exception:
-        log.exception(
-            "could not release job %s after its thread ended; it is recovered when the "
-            "worker's lease lapses",
-            work.job.id if work.job else "?",
-        )
-    finally:
-        with work.ctx.lock:
-            work.ctx.abandoned_threads -= 1
+        outcome = dataclasses.replace(outcome, count_attempt=False)
+    return outcome

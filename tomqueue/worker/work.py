@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
@@ -15,6 +15,9 @@ from tomqueue.message import Notification
 from tomqueue.schema import Job
 from tomqueue.transport.base import Consumer, Delivery
 from tomqueue.worker.outcome import Outcome
+
+if TYPE_CHECKING:
+    from tomqueue.worker.watchdog import Watchdog
 
 
 @dataclass
@@ -33,27 +36,22 @@ class Context:
     running_jobs: set[int] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    watchdog: Watchdog | None = None  # set by the pipeline that runs the jobs
 
-    def __post_init__(self) -> None:
-        from tomqueue.worker.batching import GroupCommit
-        from tomqueue.worker.db_lock import lock_batch
-        from tomqueue.worker.outcome import record_batch
-
-        self.locker: GroupCommit[Work, bool] = GroupCommit(lock_batch)
-        self.recorder: GroupCommit[Work, list[Notification]] = GroupCommit(record_batch)
-
-    def count(self, key: str) -> None:
+    def count(self, key: str, n: int = 1) -> None:
         with self.lock:
-            self.counters[key] = self.counters.get(key, 0) + 1
+            self.counters[key] = self.counters.get(key, 0) + n
 
 
-@dataclass
+@dataclass(eq=False)
 class Work:
-    """One delivery on its way down the stack; each layer fills in its part."""
+    """One delivery on its way down the stack and back up; each layer fills in its part."""
 
     ctx: Context
     delivery: Delivery
     note: Notification | None = None  # pop: the decoded notification
+    stopped: str | None = None  # a batch layer stopped it early (why); it goes back up
+    requeued: bool = False  # error handling gave the delivery back: nothing more to do
     job: Job | None = None  # db_lock: detached snapshot of the locked row
     fence: int = 0  # db_lock: the fencing token every later write is conditioned on
     locked_at: datetime | None = None  # db_lock: database time of the lock
@@ -61,13 +59,16 @@ class Work:
     payload: Any = None  # db_lock: the rebuilt payload object
     load_error: str | None = None  # db_lock: why the handler could not be rebuilt
     give_up: str | None = None  # db_lock: crashed too often; fail without running
+    takeover: dict[str, Any] | None = None  # db_lock: crash counts when a dead lock was taken
     abandoned: bool = False  # timeout: the job thread ignored its interruption
     abandoned_at: datetime | None = None  # timeout: (database) time it was abandoned
-    takeover: dict[str, Any] | None = None  # db_lock: crash counts when a dead lock was taken
+    abandoned_outcome: Outcome | None = None  # timeout: decided when it was abandoned
     outcome: Outcome | None = None  # timeout / invoke: what happened
     follow_ups: list[Notification] = field(default_factory=list)  # published before the ack
-    on_long_run: Callable[[], None] | None = None  # pop: ack early for long jobs
-    hold_deadline: float | None = None  # pop: monotonic time to call on_long_run
+
+    def stop(self, reason: str) -> None:
+        """A batch layer is done with this delivery: it skips the layers below."""
+        self.stopped = reason
 
     @property
     def queue(self) -> str:
@@ -86,4 +87,8 @@ class Work:
 
 
 Next = Callable[[Work], None]
-"""The rest of the stack below a layer."""
+"""The rest of the per-job stack below a layer."""
+
+Batch = list[Work]
+BatchNext = Callable[[Batch], None]
+"""The rest of the batch stack below a layer."""

@@ -1,0 +1,198 @@
+"""The threads that run the worker stack over the deliveries the main thread hands in.
+
+    main thread ──submit()──▶ locker thread: the batch layers' way down
+                                   │ (lock a batch in one transaction)
+                                   ▼ locked jobs, most urgent first
+                              job threads (N): the job layers (timeout ▸ invoke)
+                                   │ finished jobs, and those stopped on the way down
+                                   ▼
+                              recorder thread: the batch layers' way up
+                                   (record a batch in one transaction, then ack it)
+
+A delivery takes one of the N job places from ``submit`` until its job thread is done with
+it (or a batch layer stops it); whatever arrives while the locker or the recorder is busy
+joins their next batch, so a busy worker does one commit for many jobs and an idle one
+pays no waiting. The watchdog (``watchdog.py``) watches the running jobs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+
+from tomqueue.config import LEVELS
+from tomqueue.transport.base import Delivery
+from tomqueue.worker import stack, timeout
+from tomqueue.worker.outcome import Released
+from tomqueue.worker.watchdog import Slot, Watchdog
+from tomqueue.worker.work import Batch, Context, Work
+
+log = logging.getLogger("tomqueue.worker")
+
+MAX_RECORD_BATCH = 500
+_LAST = len(LEVELS)  # sorts after every level: the job threads' stop sentinel
+
+
+class Pipeline:
+    def __init__(self, ctx: Context, threads: int, wake_main: Callable[[], None]) -> None:
+        self.ctx = ctx
+        self.threads = threads
+        self._wake_main = wake_main
+        self._lock = threading.Condition()
+        self._busy = 0  # job places taken
+        self._unrecorded = 0  # works on their way up
+        self._main_waits = False
+        self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._runnable: queue.PriorityQueue[tuple[int, int, Work | None]] = queue.PriorityQueue()
+        self._finished: list[Work] = []
+        self._stopping = False
+        self._order = itertools.count()
+        self._dispatched: Batch = []
+        ctx.watchdog = self.watchdog = Watchdog(ctx, self._attend)
+        self._threads: list[threading.Thread] = []
+
+    # --- main thread -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.watchdog.start()
+        self._spawn(self._locker, "tomqueue-locker")
+        self._spawn(self._recorder, "tomqueue-recorder")
+        for _ in range(self.threads):
+            self._spawn(self._job_thread, "tomqueue-job")
+
+    def free(self) -> int:
+        """Job places free now; when none is, the next one to free up wakes the main thread."""
+        with self._lock:
+            free = self.threads - self._busy
+            self._main_waits = free <= 0
+            return free
+
+    def submit(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            with self._lock:
+                self._busy += len(deliveries)
+            self._inbox.put([Work(self.ctx, d) for d in deliveries])
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._busy == 0 and self._unrecorded == 0
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: self._busy == 0 and self._unrecorded == 0, timeout)
+
+    def stop(self) -> None:
+        """Stop the threads (call when idle; an abandoned job thread runs on alone)."""
+        self._stopping = True
+        self._inbox.put(None)
+        for _ in range(self.threads):
+            self._runnable.put((_LAST, next(self._order), None))
+        with self._lock:
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.watchdog.stop()
+
+    # --- the threads -------------------------------------------------------------------
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _locker(self) -> None:
+        descend = stack.descend(self._dispatch)
+        while (batch := self._inbox.get()) is not None:
+            while not self._inbox.empty():  # whatever else arrived joins this batch
+                more = self._inbox.get()
+                if more is None:
+                    self._inbox.put(None)
+                    break
+                batch += more
+            self._dispatched = []
+            descend(batch)
+            sent = set(self._dispatched)
+            done = [w for w in batch if w not in sent]
+            self._send_up([w for w in done if not w.requeued])
+            self._release(len(done))
+
+    def _dispatch(self, batch: Batch) -> None:
+        """The bottom of the batch layers: locked jobs go to the job threads."""
+        self._dispatched = batch
+        for work in batch:
+            level = LEVELS.index(work.delivery.level) if work.delivery.level in LEVELS else 1
+            self._runnable.put((level, next(self._order), work))
+
+    def _job_thread(self) -> None:
+        run = stack.job()
+        while True:
+            work = self._runnable.get()[2]
+            if work is None:
+                return
+            try:
+                run(work)
+            except BaseException:
+                log.exception("job thread error", extra={**work.log_extra, "action": "bug"})
+                work.outcome = work.outcome or Released("the worker failed running the job")
+            if work.abandoned:  # a new job thread took this one's place long ago
+                self._release_abandoned(work)
+                return
+            self._send_up([work])
+            self._release(1)
+
+    def _release_abandoned(self, work: Work) -> None:
+        """Record (on its own: the pipeline may have stopped meanwhile) the release of a
+        job whose thread was abandoned, now that the thread ends; then end the thread."""
+        try:
+            stack.ascend()([work])
+        finally:
+            with self.ctx.lock:
+                self.ctx.abandoned_threads -= 1
+
+    def _recorder(self) -> None:
+        ascend = stack.ascend()
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._finished or self._stopping)
+                batch = self._finished[:MAX_RECORD_BATCH]
+                del self._finished[:MAX_RECORD_BATCH]
+            if not batch:
+                return
+            ascend(batch)
+            with self._lock:
+                self._unrecorded -= len(batch)
+                if self._busy == 0 and self._unrecorded == 0:
+                    self._lock.notify_all()
+                    self._wake_main()
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def _send_up(self, works: Batch) -> None:
+        if works:
+            with self._lock:
+                self._unrecorded += len(works)
+                self._finished += works
+                self._lock.notify_all()
+
+    def _release(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self._busy -= n
+                wake = self._main_waits or (self._busy == 0 and self._unrecorded == 0)
+                self._main_waits = False
+                if self._busy == 0:
+                    self._lock.notify_all()
+            if wake:
+                self._wake_main()
+
+    def _attend(self, slot: Slot, now: float) -> float:
+        """The watchdog's rounds; an abandoned job's place goes to a new job thread."""
+        was_abandoned = slot.abandoned
+        again = timeout.attend(slot, now)
+        if slot.abandoned and not was_abandoned:
+            self._release(1)
+            self._spawn(self._job_thread, "tomqueue-job")
+        return again
