@@ -445,3 +445,35 @@ def test_a_broker_restart_loses_no_held_job(
         assert manager.proc.poll() is None
     finally:
         cluster.close()
+
+
+def test_a_job_longer_than_consumer_timeout_does_not_hold_its_delivery(
+    fast_timeout_node: PrivateBroker, node_config: Config, tmp_path: Path
+) -> None:
+    """Principle 3 on the worker's side (issue 2, pop/ack): a job that runs three times the
+    broker's consumer_timeout has its delivery acked early (``delivery_hold_limit``, 2 s
+    here), so the broker never closes the worker's channel (with a hold limit of 300 s it
+    does: the node logs a consumer_timeout) and the job runs once."""
+    from tests import ledger as record_ledger
+    from tests.jobs import Sleepy
+
+    timeouts_before = fast_timeout_node.timeouts_logged()
+    ledger = tmp_path / "ledger"
+    worker = Proc(
+        ["-m", "tomqueue", "worker", "--import", "tests.jobs"],
+        env_for(node_config, TOMQUEUE_DELIVERY_HOLD_LIMIT="2"),
+        tmp_path / "worker.log",
+    )
+    try:
+        worker.wait_log("consuming")
+        Delayed.enqueue(Sleepy(str(ledger), "long", 15.0), config=node_config)
+        wait_for(lambda: record_ledger.counts(ledger)["long"] == 1, 40, "the long job to end")
+        time.sleep(1.5)  # a redelivery would show up by now
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+    finally:
+        worker.kill()
+    log = worker.log()
+    assert record_ledger.counts(ledger, "start") == {"long": 1}
+    assert "broker connection lost" not in log and "PRECONDITION" not in log, log[-3000:]
+    assert fast_timeout_node.timeouts_logged() == timeouts_before
