@@ -60,7 +60,7 @@ def collect(config: Config) -> dict[str, Any]:
 
 
 def _workers(conn: Connection, config: Config, now: datetime) -> list[dict[str, Any]]:
-    rows = conn.execute(select(WorkerRecord).order_by(WorkerRecord.name)).scalars().all()
+    rows = conn.execute(select(WorkerRecord.__table__).order_by(WorkerRecord.name)).all()
     alive_since = live_workers_since(now, config)
     return [
         {

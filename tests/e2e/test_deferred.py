@@ -271,6 +271,44 @@ def test_two_managers_share_the_queue_and_every_job_runs_once(
     assert sum(shares) >= 300 and min(shares) > 0, shares
 
 
+def held_now(proc: Proc) -> int:
+    """``holding N`` from a manager's last statistics line (logged every second here)."""
+    counts = re.findall(r"holding (\d+) job\(s\)", proc.log())
+    return int(counts[-1]) if counts else 0
+
+
+def test_two_managers_one_killed_loses_nothing_and_runs_nothing_twice(
+    config: Config, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Issue 3 requirement 4: several managers at once, one of them dies (kill -9) while
+    holding its share: the broker requeues that share to the survivor, which releases it on
+    time; every job runs exactly once and none early."""
+    one = cluster.manager()
+    two = cluster.manager()
+    ledger = tmp_path / "ledger"
+    due = enqueue_many(config, ledger, lambda i: 8.0 + 2.0 * i / 400, 400)
+    wait_for(lambda: deferred_ready(config) == 0, 10, "the managers to hold every job")
+    wait_for(
+        lambda: held_now(one) + held_now(two) == 400 and min(held_now(one), held_now(two)) > 0,
+        10,
+        "both managers to hold a share of the 400 jobs",
+    )
+    lost_share = held_now(one)
+    os.killpg(one.proc.pid, signal.SIGKILL)
+    one.wait(10)
+    assert deferred_jobs.starts(ledger) == [], "nothing ran yet"
+    wait_for(lambda: held_now(two) == 400, 10, "the survivor to hold the killed one's share")
+    cluster.worker()
+    cluster.worker()
+    report(
+        f"two managers, one killed holding {lost_share} of 400",
+        wait_all_ran(ledger, due, timeout=40),
+    )
+    assert two.proc.poll() is None
+    assert published_count(one.log()) == 0, "the killed one released nothing before it died"
+    wait_for(lambda: published_count(two.log()) == 400, 5, "the survivor to have published all")
+
+
 def test_a_retry_travels_through_the_manager_at_its_backoff_time(
     config: Config, cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -407,3 +445,35 @@ def test_a_broker_restart_loses_no_held_job(
         assert manager.proc.poll() is None
     finally:
         cluster.close()
+
+
+def test_a_job_longer_than_consumer_timeout_does_not_hold_its_delivery(
+    fast_timeout_node: PrivateBroker, node_config: Config, tmp_path: Path
+) -> None:
+    """Principle 3 on the worker's side (issue 2, pop/ack): a job that runs three times the
+    broker's consumer_timeout has its delivery acked early (``delivery_hold_limit``, 2 s
+    here), so the broker never closes the worker's channel (with a hold limit of 300 s it
+    does: the node logs a consumer_timeout) and the job runs once."""
+    from tests import ledger as record_ledger
+    from tests.jobs import Sleepy
+
+    timeouts_before = fast_timeout_node.timeouts_logged()
+    ledger = tmp_path / "ledger"
+    worker = Proc(
+        ["-m", "tomqueue", "worker", "--import", "tests.jobs"],
+        env_for(node_config, TOMQUEUE_DELIVERY_HOLD_LIMIT="2"),
+        tmp_path / "worker.log",
+    )
+    try:
+        worker.wait_log("consuming")
+        Delayed.enqueue(Sleepy(str(ledger), "long", 15.0), config=node_config)
+        wait_for(lambda: record_ledger.counts(ledger)["long"] == 1, 40, "the long job to end")
+        time.sleep(1.5)  # a redelivery would show up by now
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+    finally:
+        worker.kill()
+    log = worker.log()
+    assert record_ledger.counts(ledger, "start") == {"long": 1}
+    assert "broker connection lost" not in log and "PRECONDITION" not in log, log[-3000:]
+    assert fast_timeout_node.timeouts_logged() == timeouts_before

@@ -31,7 +31,7 @@ from tests.conftest import (
     queue_depth,
     run_worker,
 )
-from tests.jobs import Echo, Record
+from tests.jobs import Boom, Echo, Record
 from tomqueue.db import get_engine
 from tomqueue.enqueue import notification
 from tomqueue.message import Notification
@@ -229,3 +229,41 @@ def test_work_off_does_not_run_handlers_naming_arbitrary_modules(
     assert not marker.exists(), "work_off ran a command named by a stored handler"
     failed = row(sqlite_config, job.id)
     assert failed is not None and failed.failed_at is not None
+
+
+@on_stacks(("postgresql", "amqp"))  # the decoder does not depend on the database
+def test_oversized_message_is_dropped_as_malformed(stack: Stack, ledger_path: str) -> None:
+    from tomqueue.message import MAX_BODY_BYTES
+
+    config = stack.config
+    declare_topology(config)
+    job = tomqueue.enqueue(Record(ledger_path, "after"))
+    padded = notification(job).encode()[:-1] + b" " * MAX_BODY_BYTES + b"}"  # valid JSON
+    publish_raw(config, padded)
+
+    worker = run_worker(config, threads=1, timeout=10)
+
+    assert ledger.markers(ledger_path) == ["after"]
+    assert worker.counters.get("malformed") == 1
+    assert not worker.counters.get("internal_error")
+    assert queue_depth(config, f"{config.prefix}.balance.normal")[0] == 0
+
+
+FOUR_BYTE = "failed on 💥 \U0001d11e \U0001f600"  # astral plane: 4 bytes each in UTF-8
+
+
+@on_stacks(("mysql", "amqp"), ("postgresql", "amqp"), ("sqlite", "polling"))
+def test_four_byte_utf8_in_an_error_is_stored_intact(stack: Stack, ledger_path: str) -> None:
+    """Handlers are stored ASCII-escaped, so only ``last_error`` carries raw 4-byte UTF-8
+    to the database: MariaDB needs utf8mb4 for it (utf8mb3 rejects it)."""
+    config = stack.config
+    job = tomqueue.enqueue(Boom(ledger_path, "astral", message=FOUR_BYTE, max_attempts=1))
+    tomqueue.enqueue(Record(ledger_path, "next"))
+
+    worker = run_worker(config, threads=1)
+
+    failed = row(config, job.id)
+    assert failed is not None and failed.failed_at is not None
+    assert failed.last_error and f"ValueError: {FOUR_BYTE} (astral)" in failed.last_error
+    assert sorted(ledger.markers(ledger_path)) == ["astral", "next"]
+    assert not worker.counters.get("internal_error")

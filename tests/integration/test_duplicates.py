@@ -76,3 +76,32 @@ def test_duplicates_published_before_the_workers_start(stack: Stack, ledger_path
     assert ledger.counts(ledger_path) == {"backlog": 1}
     assert job_count(config) == 0
     assert queue_depth(config, f"{config.prefix}.balance.normal")[0] == 0
+
+
+@on_stacks(*AMQP_STACKS)
+def test_an_early_notification_is_deferred_again_not_run(stack: Stack, ledger_path: str) -> None:
+    """A notification that reaches a worker while the job's ``run_at`` is still ahead of the
+    database clock by more than ``run_at_tolerance`` (clock skew, a stray copy) is not run:
+    it goes back to the deferred queue with the job's ``run_at``."""
+    from datetime import timedelta
+
+    from tomqueue.message import decode
+
+    config = stack.config
+    declare_topology(config)
+    job = tomqueue.enqueue(Record(ledger_path, "future"), run_at=timedelta(minutes=5))
+    deferred = f"{config.prefix}.work.deferred"
+    assert len(drain_queue(config, deferred)) == 1  # the enqueue's own notification
+    publish_raw(config, notification(job).encode(), headers=notification(job).headers("normal"))
+
+    worker = WorkerThread(config, threads=1, exit_on_complete=True).start()
+    assert worker.join(30) == 0
+
+    assert ledger.markers(ledger_path) == []
+    assert worker.counters.get("skipped_early") == 1
+    assert job_count(config) == 1
+    [(body, headers)] = drain_queue(config, deferred)
+    again = decode(body, headers)
+    assert (again.job_id, again.version) == (job.id, job.version)
+    assert abs((again.run_at - job.run_at).total_seconds()) < 0.001
+    assert queue_depth(config, f"{config.prefix}.balance.normal")[0] == 0

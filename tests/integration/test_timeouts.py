@@ -10,7 +10,7 @@ from sqlalchemy import select
 import tomqueue
 from tests import ledger
 from tests.conftest import Stack, on_stacks, run_worker, since
-from tests.jobs import Record, Slow, Stubborn
+from tests.jobs import Record, Sleepy, Slow, Stubborn
 from tomqueue.db import get_engine
 from tomqueue.schema import Job
 
@@ -108,3 +108,28 @@ def test_timeout_last_error_explains_max_run_time(stack: Stack, ledger_path: str
 
     error = row(stack.config, slow.id).last_error or ""
     assert "max_run_time" in error and "1 s" in error, error
+
+
+@on_stacks(("sqlite", "polling"))
+def test_the_workers_max_run_time_caps_jobs_without_their_own(
+    stack: Stack, ledger_path: str
+) -> None:
+    """``min(payload.max_run_time, config.max_run_time)``: the worker's setting applies to a
+    payload without ``max_run_time`` and caps a payload that asks for more."""
+    config = stack.config.replace(max_run_time=1.0)
+    tomqueue.configure(config)
+    plain = tomqueue.enqueue(Sleepy(ledger_path, "plain", seconds=30))
+    greedy_payload = Sleepy(ledger_path, "greedy", seconds=30)
+    greedy_payload.max_run_time = 3600  # type: ignore[attr-defined]
+    greedy = tomqueue.enqueue(greedy_payload)
+
+    started = time.monotonic()
+    worker = run_worker(config, threads=2, timeout=20)
+
+    assert since(started) < 10, "max_run_time of the worker (1 s) was not enforced"
+    for job in (plain, greedy):
+        stopped = row(config, job.id)
+        assert stopped.attempts == 1 and "JobTimeout" in (stopped.last_error or "")
+        assert "max_run_time (1 s)" in (stopped.last_error or "")
+    assert ledger.markers(ledger_path) == []  # neither completed
+    assert worker.counters.get("retry") == 2

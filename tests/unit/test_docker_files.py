@@ -4,8 +4,11 @@ they run is one our CLI accepts."""
 from __future__ import annotations
 
 import configparser
+import re
 import shlex
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -76,3 +79,65 @@ def test_supervisord_commands_match_the_cli() -> None:
         argv = shlex.split(program["command"].replace("%(ENV_TOMQUEUE_IMPORT)s", "app.jobs"))
         assert argv[0] == "tomqueue", name
         parser().parse_args(argv[1:])
+
+
+def _realize(config: Path) -> list[tuple[str, Any]]:
+    """Load a configuration the way supervisord does (expansions, includes, checks)."""
+    from supervisor.options import ServerOptions
+
+    options = ServerOptions()
+    options.realize(args=["-c", str(config)])
+    return [(g.name, p) for g in options.process_group_configs for p in g.process_configs]
+
+
+def _dockerfile_env() -> dict[str, str]:
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[4:]))
+    return env
+
+
+def test_the_images_default_command_can_load_the_shipped_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``supervisord -c /etc/supervisord.conf`` in the image: every ``%(ENV_...)s`` the file
+    uses must be set by the Dockerfile (supervisord has no defaults for them), and the log
+    directory must be created there."""
+    env = _dockerfile_env()
+    used = set(re.findall(r"%\(ENV_(\w+)\)s", (DOCKER / "supervisord.conf").read_text()))
+    assert used <= set(env), f"not set in the Dockerfile: {sorted(used - set(env))}"
+    assert f"mkdir -p {env['TOMQUEUE_LOG_DIR']}" in (DOCKER / "Dockerfile").read_text()
+    for name in used:
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("TOMQUEUE_LOG_DIR", str(tmp_path))  # the image creates its own
+    programs = _realize(DOCKER / "supervisord.conf")
+    workers = [p for group, p in programs if group == "worker"]
+    assert len(workers) == int(env["TOMQUEUE_WORKERS"])
+    assert f"--import {env['TOMQUEUE_IMPORT']}" in workers[0].command
+
+
+def test_readme_plain_host_supervisor_example_loads_and_stops_gracefully(tmp_path: Path) -> None:
+    text = (DOCKER.parent / "README.md").read_text()
+    start = text.index("```ini\n") + len("```ini\n")
+    snippet = text[start : text.index("```", start)]
+    # no user "app" nor /var/log/tomqueue on this machine
+    snippet = snippet.replace("user=app\n", "").replace("/var/log/tomqueue/", f"{tmp_path}/")
+    (tmp_path / "tomqueue.conf").write_text(snippet)
+    main = tmp_path / "supervisord.conf"
+    main.write_text(
+        f"[supervisord]\nlogfile={tmp_path}/supervisord.log\npidfile={tmp_path}/s.pid\n"
+        f"[include]\nfiles={tmp_path}/tomqueue.conf\n"
+    )
+    programs = _realize(main)
+    assert sorted({group for group, _ in programs}) == ["tomqueue-deferred", "tomqueue-worker"]
+    for group, program in programs:
+        argv = shlex.split(program.command)
+        assert argv[0].endswith("/tomqueue"), group
+        parser().parse_args(argv[1:])
+        assert program.stopsignal == signal.SIGTERM
+        assert program.stopasgroup and program.killasgroup
+        assert program.environment["TOMQUEUE_AMQP_URL"].endswith(":5672/%2F")  # %% unescaped
+        if group == "tomqueue-worker":
+            assert program.stopwaitsecs > 30  # longer than the worker's stop_grace

@@ -190,3 +190,37 @@ def test_delay_jobs_false_propagates_after_hooks(path: str) -> None:
     with pytest.raises(ValueError):
         invoke.run_inline(job, Hooked(path, "i", fail=True), Config(delay_jobs=False))
     assert [e.event for e in ledger.read(path)] == ["before", "perform", "error", "after"]
+
+
+@pytest.fixture
+def lifecycle_calls() -> Any:
+    from tomqueue import lifecycle
+
+    calls: list[tuple[str, ...]] = []
+    lifecycle.before("perform", lambda job, payload: calls.append(("before perform",)))
+    lifecycle.after("perform", lambda job, payload: calls.append(("after perform",)))
+    lifecycle.before("error", lambda job, exc: calls.append(("before error", str(exc))))
+    lifecycle.before("failure", lambda job: calls.append(("before failure",)))
+    yield calls
+    lifecycle.reset()
+
+
+def test_lifecycle_callbacks_run_around_perform(path: str, lifecycle_calls: list) -> None:
+    """README: ``tomqueue.lifecycle.before("perform", fn)``, Delayed::Job's plugins."""
+    invoke.layer(make_work(Hooked(path, "ok")))
+    assert lifecycle_calls == [("before perform",), ("after perform",)]
+    lifecycle_calls.clear()
+
+    invoke.layer(make_work(Boom(path, "b", max_attempts=1)))
+    assert lifecycle_calls == [
+        ("before perform",),
+        ("before error", "boom (b)"),
+        ("before failure",),
+    ]
+
+
+def test_lifecycle_rejects_unknown_events() -> None:
+    from tomqueue import lifecycle
+
+    with pytest.raises(ValueError, match="unknown lifecycle event"):
+        lifecycle.before("perfom", lambda: None)
