@@ -93,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
         help="leave out Delayed::Job's (priority, run_at) index",
     )
     p.add_argument(
+        "--no-references",
+        action="store_true",
+        help="skip the Celery/Dramatiq W1 reference runs even when they are installed",
+    )
+    p.add_argument(
         "--keep-broker",
         action="store_true",
         help="keep the prefix's queues and exchanges at the end",
@@ -118,6 +123,7 @@ def options_from(args: argparse.Namespace) -> Options:
         output=args.output,
         profile=args.profile,
         dj_index=not args.no_dj_index,
+        references=not args.no_references,
     )
 
 
@@ -131,6 +137,7 @@ def _pick(raw: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
 
 def machine() -> dict[str, Any]:
     packages = ("SQLAlchemy", "psycopg", "PyMySQL", "pika", "tomqueue")
+    packages += ("celery", "kombu", "amqp", "dramatiq")  # the W1 references, if installed
     return {
         "nproc": os.cpu_count(),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -184,13 +191,19 @@ def run_workload(name: str, target: Target, opts: Options) -> dict[str, Any]:
     return result
 
 
-def run_database(db: str, opts: Options, workdir: Path) -> dict[str, Any]:
+def run_database(
+    db: str, opts: Options, workdir: Path, refs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The workloads on ``db``; with ``refs`` (``references.detect()``), the importable
+    reference libraries run W1 right after ours (they use the broker, not the database)."""
     target = Target(db, opts.urls[db], opts.amqp_url, opts.prefix, workdir)
     prepare(target, opts.dj_index)
     out: dict[str, Any] = {"url": redact_url(target.url), "versions": versions(target)}
     try:
         for name in opts.workloads:
             out[name] = run_workload(name, target, opts)
+            if name == "W1" and refs is not None:
+                references.run(target, opts, refs)
     finally:
         if opts.dj_index:
             drop_dj_index(target.engine)
@@ -240,13 +253,26 @@ def main(argv: list[str] | None = None) -> int:
                 counts = [int(n) for n in args.sweep.split(",")]
                 data["results"][db] = {"sweep": sweep(db, opts, counts, workdir)}
             else:
-                data["results"][db] = run_database(db, opts, workdir)
+                first = db == opts.databases[0] and opts.references
+                refs = data["references"] if first else None
+                data["results"][db] = run_database(db, opts, workdir, refs)
     finally:
+        references.mark_not_run(data["references"], _why_no_references(opts, args.sweep))
         close_publishers()
         if not args.keep_broker:
             _cleanup_broker(opts, workdir)
         dispose_engines()
     return finish(data, opts, time.monotonic() - started)
+
+
+def _why_no_references(opts: Options, sweep: str) -> str:
+    if not opts.references:
+        return "--no-references"
+    if sweep:
+        return "--sweep"
+    if "W1" not in opts.workloads:
+        return "W1 not selected"
+    return "interrupted"
 
 
 def _cleanup_broker(opts: Options, workdir: Path) -> None:
@@ -263,16 +289,20 @@ def finish(data: dict[str, Any], opts: Options, seconds: float) -> int:
     all_checks: list[report.Check] = []
     table: list[report.Row] = []
     failed = False
+    measured = False
     for db, result in data["results"].items():
-        all_checks += report.checks(db, result)
-        table += report.rows(db, result)
+        refs = report.references_on(db, data["references"])
+        measured |= bool(refs)
+        all_checks += report.checks(db, result, refs)
+        table += report.rows(db, result, refs)
         failed |= any(isinstance(v, dict) and "error" in v for v in result.values())
+    failed |= any("error" in ref.get("W1", {}) for ref in data["references"].values())
     data["targets"] = [c.as_dict() for c in all_checks]
     data["meta"]["seconds"] = round(seconds, 1)
     data["meta"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.write_json(Path(opts.output), data)
     print()
-    print(report.render(table, all_checks))
+    print(report.render(table, all_checks, references=measured))
     print()
     print(report.render_checks(all_checks))
     for name, ref in data["references"].items():

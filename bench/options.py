@@ -71,3 +71,4 @@ class Options:
     output: str = ""
     profile: bool = False
     dj_index: bool = True
+    references: bool = True  # Celery/Dramatiq beside W1 on the first database, if importable

@@ -24,12 +24,20 @@ from bench.env import REPO_ROOT, Target
 
 
 class Proc:
-    """A subprocess with a log file and a peak-RSS sampler."""
+    """A subprocess with a log file and a peak-RSS sampler.
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log: Path) -> None:
+    With ``tree``, the peak is that of the largest process in its tree (a supervisor that
+    forks its worker, as Dramatiq's does).
+    """
+
+    def __init__(
+        self, name: str, argv: Sequence[str], env: dict[str, str], log: Path, tree: bool = False
+    ) -> None:
         self.name = name
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in wait()
+        self._tree = tree
+        self.started_wall = time.time()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             list(argv),
@@ -53,6 +61,10 @@ class Proc:
             process = psutil.Process(self.proc.pid)
             while not self._sampling.wait(0.05):
                 self.peak_rss = max(self.peak_rss, process.memory_info().rss)
+                if self._tree:
+                    for child in process.children(recursive=True):
+                        with contextlib.suppress(psutil.Error):
+                            self.peak_rss = max(self.peak_rss, child.memory_info().rss)
         except psutil.Error:
             return
 

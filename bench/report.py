@@ -1,7 +1,9 @@
 """The table printed at the end, the targets from the issue with PASS/MISS, and the JSON.
 
 Column ``ours/DJ`` is how many times better ours is: rates ours ÷ baseline, times
-baseline ÷ ours; above 1 means ours wins.
+baseline ÷ ours; above 1 means ours wins. The reference rows (Celery, Dramatiq; after W1 on
+the database they ran beside) put the library's figure in the baseline column and ours ÷
+theirs in the ratio column; the header says so when there are any.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 Row = tuple[str, str, str, str, str, str, str, str]
 """db, workload, metric, ours, baseline, ours/DJ, target, and the ``Check.name`` it shows."""
 HEADER = ("db", "workload", "metric", "ours", "DJ baseline", "ours/DJ", "target", "")
+HEADER_WITH_REFERENCES = (*HEADER[:4], "DJ baseline | ref", "ours/DJ | ours/ref", *HEADER[6:])
+DRAMATIQ_CHECK = "W1 processed/s vs Dramatiq"
+ENQUEUE_API = {"celery": "delay()", "dramatiq": "send()"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,16 @@ def better(ours: float | None, base: float | None, rate: bool) -> str:
 # --- targets ------------------------------------------------------------------------
 
 
-def checks(db: str, result: dict[str, Any]) -> list[Check]:
+def references_on(db: str, found: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``references`` (the JSON's) that ran W1 beside ``db``."""
+    return {
+        name: entry
+        for name, entry in found.items()
+        if entry.get("database") == db and isinstance(entry.get("W1"), dict)
+    }
+
+
+def checks(db: str, result: dict[str, Any], refs: dict[str, Any] | None = None) -> list[Check]:
     out: list[Check] = []
     for workload, make in (
         ("W1", _w1_checks),
@@ -79,7 +93,18 @@ def checks(db: str, result: dict[str, Any]) -> list[Check]:
     ):
         if isinstance(result.get(workload), dict) and "error" not in result[workload]:
             out += make(db, result[workload])
-    return out
+    return out + _reference_checks(db, result.get("W1"), refs or {})
+
+
+def _reference_checks(db: str, w1: dict[str, Any] | None, refs: dict[str, Any]) -> list[Check]:
+    """Issue 5: our W1 processed/s at or above Dramatiq's, when Dramatiq was measured."""
+    theirs = refs.get("dramatiq", {}).get("W1", {})
+    if "processed_per_s" not in theirs:
+        return []
+    ours = w1["ours"]["processed_per_s"] if w1 and "error" not in w1 else None
+    rate = theirs["processed_per_s"]
+    value = ours / rate if ours is not None else None
+    return [Check(db, DRAMATIQ_CHECK, value, 1.0, True, ">= Dramatiq", f"Dramatiq {rate:,.0f}/s")]
 
 
 def _w1_checks(db: str, w1: dict[str, Any]) -> list[Check]:
@@ -148,7 +173,7 @@ def _size(n: int) -> str:
 # --- the table ----------------------------------------------------------------------
 
 
-def rows(db: str, result: dict[str, Any]) -> list[Row]:
+def rows(db: str, result: dict[str, Any], refs: dict[str, Any] | None = None) -> list[Row]:
     makers: dict[str, Callable[[str, dict[str, Any]], list[Row]]] = {
         "W1": _w1_rows,
         "W2": _w2_rows,
@@ -161,9 +186,58 @@ def rows(db: str, result: dict[str, Any]) -> list[Row]:
         if value is None:
             continue
         if "error" in value:
-            out.append((db, workload, "error", value["error"][:60], "", "", ""))
+            out.append((db, workload, "error", value["error"][:60], "", "", "", ""))
         else:
             out += make(db, value)
+        if workload == "W1":
+            out += _reference_rows(db, value, refs or {})
+    return out
+
+
+def _reference_rows(db: str, w1: dict[str, Any], refs: dict[str, Any]) -> list[Row]:
+    ours = w1["ours"] if "error" not in w1 else {}
+    out: list[Row] = []
+    for name, entry in refs.items():
+        label = f"{name.capitalize()} {entry.get('version') or ''}".strip()
+        r = entry["W1"]
+        if "error" in r:
+            out.append((db, "W1", f"{label}: error", "", r["error"][:60], "", "", ""))
+            continue
+        enq = (ours.get("enqueue_per_s"), r["enqueue_per_s"])
+        done = (ours.get("processed_per_s"), r["processed_per_s"])
+        dramatiq = name == "dramatiq"
+        out += [
+            (
+                db,
+                "W1",
+                f"{label}: enqueue/s ({ENQUEUE_API.get(name, 'API')}, no confirms)",
+                fmt(enq[0], "/s"),
+                fmt(enq[1], "/s"),
+                better(*enq, True),
+                "",
+                "",
+            ),
+            (
+                db,
+                "W1",
+                f"{label}: processed/s ({r['threads']} threads)",
+                fmt(done[0], "/s"),
+                fmt(done[1], "/s"),
+                better(*done, True),
+                ">= Dramatiq" if dramatiq else "",
+                DRAMATIQ_CHECK if dramatiq else "",
+            ),
+            (
+                db,
+                "W1",
+                f"{label}: worker peak RSS",
+                fmt(ours.get("peak_rss_mb"), "MB"),
+                fmt(r["peak_rss_mb"], "MB"),
+                "",
+                "",
+                "",
+            ),
+        ]
     return out
 
 
@@ -365,9 +439,10 @@ def _w4_detail_rows(db: str, count: str, r: dict[str, Any]) -> list[Row]:
     ]
 
 
-def render(table: list[Row], all_checks: list[Check]) -> str:
+def render(table: list[Row], all_checks: list[Check], references: bool = False) -> str:
     status = {(c.database, c.name): c.status for c in all_checks}
-    lines = [HEADER] + [(*row[:7], status.get((row[0], row[7]), "")) for row in table]
+    header = HEADER_WITH_REFERENCES if references else HEADER
+    lines = [header] + [(*row[:7], status.get((row[0], row[7]), "")) for row in table]
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     text = [
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()

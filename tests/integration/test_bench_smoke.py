@@ -13,6 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pika
 import pytest
 
 from tests.conftest import AMQP_URL, POSTGRES_URL, REPO_ROOT
@@ -56,6 +57,33 @@ def test_quick_w1_on_postgresql_writes_the_json(tmp_path: Path) -> None:
     assert {t["status"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
     assert "processed/s" in done.stdout and "Targets:" in done.stdout
     assert "password" not in done.stdout.lower()
+
+    # Celery / Dramatiq: measured where `pip install -e '.[bench]'` put them, detected elsewhere
+    for name in ("celery", "dramatiq"):
+        ref = data["references"][name]
+        assert ref["importable"] in (True, False) and ref["note"]
+        if ref["importable"]:
+            r = ref["W1"]
+            assert "error" not in r, r
+            assert ref["database"] == "postgresql"
+            assert r["enqueue_per_s"] > 0 and r["processed_per_s"] > 0
+            assert r["duplicates"] == 0 and r["left_ready"] == 0
+            assert f"{name.capitalize()} {ref['version']}: processed/s" in done.stdout
+            assert not queue_exists(r["queue"])
+    dramatiq_measured = "W1" in data["references"]["dramatiq"]
+    assert ("W1 processed/s vs Dramatiq" in names) == dramatiq_measured
+
+
+def queue_exists(name: str) -> bool:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        connection.channel().queue_declare(name, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 def test_bad_selection_is_a_clear_error(tmp_path: Path) -> None:
