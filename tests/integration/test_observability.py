@@ -64,16 +64,16 @@ def test_exception_reporter_gets_internal_errors_and_the_job_still_runs(
     reported: list[BaseException] = []
     config = stack.config.replace(exception_reporter=reported.append)
     tomqueue.configure(config)
-    original = db_lock._lock
+    original = db_lock.lock_batch
     calls = []
 
-    def flaky_lock(work: object) -> bool:
-        calls.append(work)
+    def flaky_lock(works: list[object]) -> set[object]:
+        calls.append(works)
         if len(calls) == 1:
             raise RuntimeError("database hiccup (injected)")
-        return original(work)  # type: ignore[arg-type]
+        return original(works)  # type: ignore[arg-type,return-value]
 
-    monkeypatch.setattr(db_lock, "_lock", flaky_lock)
+    monkeypatch.setattr(db_lock, "lock_batch", flaky_lock)
     tomqueue.enqueue(Record(ledger_path, "survivor"))
 
     # not --exit-on-complete: on RabbitMQ it may exit while the requeued delivery is on its
