@@ -126,6 +126,10 @@ class AmqpConsumer:
         assert self._connection is not None
         if self._cancelled:
             raise BrokerUnavailable("a consumer was cancelled by the broker")
+        publish = self._publish.channel if self._publish is not None else None
+        for channel in (self._consume, publish):
+            if channel is None or channel.is_closed:  # e.g. 406 after consumer_timeout
+                raise BrokerUnavailable("the broker closed one of the worker's channels")
         if not self._buffer:
             self._connection.process_data_events(time_limit=timeout)
         else:

@@ -29,7 +29,7 @@ from tomqueue.errors import HandlerError
 from tomqueue.leases import holder_alive
 from tomqueue.message import Notification
 from tomqueue.schema import Job, jobs
-from tomqueue.worker import outcome
+from tomqueue.worker import hot_sql, outcome
 from tomqueue.worker.work import Batch, BatchNext, Work
 
 log = logging.getLogger("tomqueue.worker")
@@ -72,8 +72,38 @@ def _retry_soon(work: Work) -> Notification:
 
 
 def lock_batch(works: Sequence[Work]) -> set[Work]:
-    """Load the batch's rows ``FOR UPDATE`` (in id order: no deadlocks between workers),
-    decide for each delivery, lock the ones to run with one statement; one commit."""
+    """Lock the jobs of a batch that can run; the others get their follow-ups.
+
+    The common case — due, unlocked, unfailed, the message's version — is one statement on
+    the thread's own connection (``_lock_plain``). What it did not take goes through the
+    checked path (``_lock_checked``), which finds out why and takes over dead locks."""
+    taken = _lock_plain(works)
+    rest = [w for w in works if w not in taken]
+    if rest:
+        taken |= _lock_checked(rest)
+    return taken
+
+
+def _lock_plain(works: Sequence[Work]) -> set[Work]:
+    ctx = works[0].ctx
+    firsts: dict[int, Work] = {}
+    for work in works:  # a duplicate delivery in the same batch goes the checked way
+        firsts.setdefault(_job_id(work), work)
+    pairs = [(job_id, w.note.version) for job_id, w in firsts.items()]  # type: ignore[union-attr]
+    running = set(ctx.running_jobs)  # locked already; and MySQL reads back by our name
+    pairs = [p for p in pairs if p[0] not in running]
+    if not pairs:
+        return set()
+    with ctx.connection().use() as conn:
+        rows = hot_sql.lock_plain(conn, ctx.name, pairs, ctx.config.run_at_tolerance)
+    for row in rows:
+        _hold(firsts[row["id"]], row)
+    return {firsts[row["id"]] for row in rows}
+
+
+def _lock_checked(works: Sequence[Work]) -> set[Work]:
+    """Load the rows ``FOR UPDATE`` (in id order: no deadlocks between workers), decide
+    for each delivery, lock the ones to run with one statement; one commit."""
     ctx = works[0].ctx
     ids = sorted({_job_id(w) for w in works})
     with ctx.engine.begin() as conn:
@@ -105,7 +135,11 @@ def lock_batch(works: Sequence[Work]) -> set[Work]:
                 .values(locked_at=now, locked_by=ctx.name, fence=Job.fence + 1, updated_at=now)
             )
     for job_id, work in taken.items():
-        _hold(work, rows[job_id], now)
+        row = rows[job_id]
+        values = {c.name: getattr(row, c.name) for c in jobs.columns}
+        values.update(locked_at=now, locked_by=ctx.name, fence=row.fence + 1)
+        values.update(work.takeover or {})
+        _hold(work, values)
     return set(taken.values())
 
 
@@ -152,14 +186,11 @@ def _take_over(conn: Connection, work: Work, row: Any, now: Any) -> None:
     )
 
 
-def _hold(work: Work, row: Any, now: Any) -> None:
+def _hold(work: Work, values: dict[str, Any]) -> None:
     """Fill in the work from the row as this worker's lock left it."""
-    values = {c.name: getattr(row, c.name) for c in jobs.columns}
-    values.update(locked_at=now, locked_by=work.ctx.name, fence=row.fence + 1)
-    values.update(work.takeover or {})
     work.job = Job(**values)
-    work.fence = row.fence + 1
-    work.locked_at = now
+    work.fence = values["fence"]
+    work.locked_at = _as_datetime(values["locked_at"])
     _after_lock(work)
 
 

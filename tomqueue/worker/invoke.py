@@ -17,7 +17,16 @@ from tomqueue import lifecycle
 from tomqueue.config import Config
 from tomqueue.db import utcnow
 from tomqueue.schema import Job
-from tomqueue.worker.outcome import Failed, Outcome, Retry, Succeeded, format_error, redact
+from tomqueue.worker import error_handling
+from tomqueue.worker.outcome import (
+    Failed,
+    Outcome,
+    Retry,
+    Succeeded,
+    format_error,
+    redact,
+    storable,
+)
 from tomqueue.worker.work import Next, Work
 
 log = logging.getLogger("tomqueue.worker")
@@ -69,9 +78,10 @@ def failure_outcome(work: Work, exc: BaseException, elapsed: float) -> Outcome:
         "job %s failed (attempt %s): %s",
         job.id,
         attempts,
-        redact(str(exc)[:2000], _secrets(config)),
+        storable(redact(str(exc)[:2000], _secrets(config))),
         extra={**work.log_extra, "action": "error"},
     )
+    error_handling.report(work, exc)
     now = (work.locked_at or utcnow()) + timedelta(seconds=elapsed)
     limit = getattr(payload, "max_attempts", None)
     limit = limit if isinstance(limit, int) and limit > 0 else config.max_attempts

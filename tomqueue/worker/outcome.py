@@ -11,16 +11,16 @@ import logging
 import re
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Update, delete, tuple_, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Update, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import (
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_delay,
     wait_exponential,
     wait_random,
@@ -30,6 +30,7 @@ from tomqueue import metrics
 from tomqueue.db import now_sql
 from tomqueue.message import Notification
 from tomqueue.schema import Job
+from tomqueue.worker import hot_sql
 
 if TYPE_CHECKING:
     from tomqueue.worker.work import Work
@@ -76,10 +77,19 @@ Outcome = Succeeded | Retry | Failed | Released
 
 
 def format_error(exc: BaseException, secrets: tuple[str | None, ...] = ()) -> str:
-    """``Type: message`` and the traceback, without passwords, bounded in size."""
+    """``Type: message`` and the traceback, without passwords, bounded in size, and storable
+    in every database (NUL bytes and lone surrogates escaped)."""
     text = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exception(exc)[-30:])
     # cut before redacting (bounded work), with a margin so no secret is cut in half
-    return redact(text[: MAX_ERROR_CHARS + 1024], secrets)[:MAX_ERROR_CHARS]
+    text = redact(text[: MAX_ERROR_CHARS + 1024], secrets)[:MAX_ERROR_CHARS]
+    return storable(text)
+
+
+def storable(text: str) -> str:
+    """Text every database accepts: PostgreSQL refuses NUL, no UTF-8 codec takes a lone
+    surrogate (``\\udcff`` from a wrongly decoded byte)."""
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
@@ -91,30 +101,67 @@ def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
 
 
 def record_batch(works: Sequence[Work]) -> list[list[Notification]]:
-    """Write every outcome of the batch in one transaction, retried on database errors
-    (the outcome is known; only writing it is left). Plain deletions (successes) go in one
-    statement."""
+    """Write every outcome of the batch on the thread's own connection, retried on
+    connection errors (the outcome is known; only writing it is left): successes in one
+    ``DELETE``, the others one ``UPDATE`` each. Returns the follow-ups to publish."""
     planned = [_plan(work) for work in works]
-    engine = works[0].ctx.engine
-    deletions = [w for w, (statement, _) in zip(works, planned, strict=True) if statement is None]
+    held = works[0].ctx.connection()
+    written: dict[int, bool] = {}  # index -> the fenced write matched the row
     for attempt in Retrying(
-        retry=retry_if_exception_type(DBAPIError),
+        retry=retry_if_exception(_transient),
         wait=wait_exponential(multiplier=0.2, max=5) + wait_random(0, 0.2),
         stop=stop_after_delay(RECORD_RETRY_SECONDS),
         reraise=True,
     ):
-        with attempt, engine.begin() as conn:
-            deleted = _delete_all(conn, deletions)
-            written = [
-                (_job_id(w) in deleted)
-                if statement is None
-                else conn.execute(statement).rowcount == 1
-                for w, (statement, _) in zip(works, planned, strict=True)
-            ]
+        with attempt:
+            todo = [i for i in range(len(works)) if i not in written]
+            this_try: dict[int, bool] = {}
+            with held.use() as conn:  # autocommit: each statement is final when it returns
+                for i, ok in _write(conn, works, planned, todo):
+                    (written if held.autocommit else this_try)[i] = ok
+            written.update(this_try)
     return [
-        _report(work, ok, follow_up)
-        for work, ok, (_, follow_up) in zip(works, written, planned, strict=True)
+        _report(work, written[i], follow_up)
+        for i, (work, (_, follow_up)) in enumerate(zip(works, planned, strict=True))
     ]
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: the connection or the server failed, not the statement."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def _write(
+    conn: Connection, works: Sequence[Work], planned: list[Planned], todo: list[int]
+) -> Iterator[tuple[int, bool]]:
+    deletions = [i for i in todo if planned[i][0] is None]
+    if deletions:
+        deleted = _delete_all(conn, [works[i] for i in deletions])
+        yield from ((i, _job_id(works[i]) in deleted) for i in deletions)
+    for i in todo:
+        statement = planned[i][0]
+        if statement is not None:
+            yield i, _update(conn, works[i], statement)
+
+
+def _update(conn: Connection, work: Work, statement: Update) -> bool:
+    """One fenced outcome; a value the database refuses (it should not happen: errors are
+    cleaned by ``format_error``) is replaced by a plain explanation rather than lost."""
+    try:
+        return conn.execute(statement).rowcount == 1
+    except DBAPIError as exc:
+        if _transient(exc):
+            raise
+        log.error(
+            "job %s: the database refused its outcome (%s); recording it without the error text",
+            _job_id(work),
+            type(exc.orig or exc).__name__,
+            extra={**work.log_extra, "action": "outcome_refused"},
+        )
+        plain = f"the error text could not be stored: {type(exc.orig or exc).__name__}"
+        return conn.execute(statement.values(last_error=plain)).rowcount == 1
 
 
 def count_attempt_keeping_lock(work: Work, error: str) -> bool:
@@ -137,30 +184,22 @@ def _job_id(work: Work) -> int:
 
 def _delete_all(conn: Connection, works: Sequence[Work]) -> set[int]:
     """Delete the works' rows where the fence still matches; the ids actually deleted."""
-    if not works:
-        return set()
-    pairs = [(_job_id(w), w.fence) for w in works]
-    # the plain id IN (...) lets MariaDB use the primary key (a lone row-value IN is a scan)
-    mine = Job.id.in_([job_id for job_id, _ in pairs]) & tuple_(Job.id, Job.fence).in_(pairs)
-    if conn.dialect.delete_returning:
-        return set(conn.scalars(delete(Job).where(mine).returning(Job.id)))
-    return {
-        job_id
-        for job_id, fence in pairs
-        if conn.execute(delete(Job).where(Job.id == job_id, Job.fence == fence)).rowcount
-    }
+    return hot_sql.delete_done(conn, [(_job_id(w), w.fence) for w in works])
 
 
-def _plan(work: Work) -> tuple[Update | None, Notification | None]:
+Planned = tuple[Update | None, Notification | None]
+
+
+def _plan(work: Work) -> Planned:
     """The statement that records the outcome (None: a plain deletion, done in bulk) and
     the follow-up notification it calls for."""
     job, outcome = work.job, work.outcome
     assert job is not None and outcome is not None
+    if isinstance(outcome, Succeeded) or (isinstance(outcome, Failed) and outcome.destroy):
+        return None, None  # a plain deletion, done in bulk
     mine = (Job.id == job.id) & (Job.fence == work.fence)
     now = now_sql(work.ctx.engine.dialect.name)
     unlock = {"locked_at": None, "locked_by": None, "fence": Job.fence + 1, "updated_at": now}
-    if isinstance(outcome, Succeeded) or (isinstance(outcome, Failed) and outcome.destroy):
-        return None, None
     if isinstance(outcome, Retry):
         values = dict(
             attempts=Job.attempts + int(outcome.count_attempt),

@@ -17,7 +17,6 @@ pays no waiting. The watchdog (``watchdog.py``) watches the running jobs.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -33,7 +32,12 @@ from tomqueue.worker.work import Batch, Context, Work
 log = logging.getLogger("tomqueue.worker")
 
 MAX_RECORD_BATCH = 500
-_LAST = len(LEVELS)  # sorts after every level: the job threads' stop sentinel
+
+
+def urgency(delivery: Delivery) -> tuple[int, float]:
+    """Sort key: most urgent level first, then first come."""
+    level = LEVELS.index(delivery.level) if delivery.level in LEVELS else 1
+    return level, delivery.received_at
 
 
 class Pipeline:
@@ -41,15 +45,15 @@ class Pipeline:
         self.ctx = ctx
         self.threads = threads
         self._wake_main = wake_main
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._busy = 0  # job places taken
         self._unrecorded = 0  # works on their way up
         self._main_waits = False
+        self._idle = threading.Event()
+        self._idle.set()
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
-        self._runnable: queue.PriorityQueue[tuple[int, int, Work | None]] = queue.PriorityQueue()
-        self._finished: list[Work] = []
-        self._stopping = False
-        self._order = itertools.count()
+        self._runnable: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._dispatched: Batch = []
         ctx.watchdog = self.watchdog = Watchdog(ctx, self._attend)
         self._threads: list[threading.Thread] = []
@@ -74,24 +78,21 @@ class Pipeline:
         if deliveries:
             with self._lock:
                 self._busy += len(deliveries)
+                self._idle.clear()
             self._inbox.put([Work(self.ctx, d) for d in deliveries])
 
     def idle(self) -> bool:
-        with self._lock:
-            return self._busy == 0 and self._unrecorded == 0
+        return self._idle.is_set()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        with self._lock:
-            return self._lock.wait_for(lambda: self._busy == 0 and self._unrecorded == 0, timeout)
+        return self._idle.wait(timeout)
 
     def stop(self) -> None:
         """Stop the threads (call when idle; an abandoned job thread runs on alone)."""
-        self._stopping = True
         self._inbox.put(None)
+        self._finished.put(None)
         for _ in range(self.threads):
-            self._runnable.put((_LAST, next(self._order), None))
-        with self._lock:
-            self._lock.notify_all()
+            self._runnable.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
         self.watchdog.stop()
@@ -104,6 +105,12 @@ class Pipeline:
         thread.start()
 
     def _locker(self) -> None:
+        try:
+            self._lock_batches()
+        finally:
+            self.ctx.release_connection()
+
+    def _lock_batches(self) -> None:
         descend = stack.descend(self._dispatch)
         while (batch := self._inbox.get()) is not None:
             while not self._inbox.empty():  # whatever else arrived joins this batch
@@ -122,14 +129,13 @@ class Pipeline:
     def _dispatch(self, batch: Batch) -> None:
         """The bottom of the batch layers: locked jobs go to the job threads."""
         self._dispatched = batch
-        for work in batch:
-            level = LEVELS.index(work.delivery.level) if work.delivery.level in LEVELS else 1
-            self._runnable.put((level, next(self._order), work))
+        for work in sorted(batch, key=lambda w: urgency(w.delivery)):
+            self._runnable.put(work)
 
     def _job_thread(self) -> None:
         run = stack.job()
         while True:
-            work = self._runnable.get()[2]
+            work = self._runnable.get()
             if work is None:
                 return
             try:
@@ -149,24 +155,34 @@ class Pipeline:
         try:
             stack.ascend()([work])
         finally:
+            self.ctx.release_connection()
             with self.ctx.lock:
                 self.ctx.abandoned_threads -= 1
 
     def _recorder(self) -> None:
+        try:
+            self._record_batches()
+        finally:
+            self.ctx.release_connection()
+
+    def _record_batches(self) -> None:
         ascend = stack.ascend()
-        while True:
-            with self._lock:
-                self._lock.wait_for(lambda: self._finished or self._stopping)
-                batch = self._finished[:MAX_RECORD_BATCH]
-                del self._finished[:MAX_RECORD_BATCH]
-            if not batch:
-                return
+        while (first := self._finished.get()) is not None:
+            batch = [first]
+            while len(batch) < MAX_RECORD_BATCH and not self._finished.empty():
+                work = self._finished.get()
+                if work is None:
+                    self._finished.put(None)  # stop after this batch
+                    break
+                batch.append(work)
             ascend(batch)
             with self._lock:
                 self._unrecorded -= len(batch)
-                if self._busy == 0 and self._unrecorded == 0:
-                    self._lock.notify_all()
-                    self._wake_main()
+                idle = self._busy == 0 and self._unrecorded == 0
+                if idle:
+                    self._idle.set()
+            if idle:
+                self._wake_main()
 
     # --- bookkeeping -------------------------------------------------------------------
 
@@ -174,17 +190,18 @@ class Pipeline:
         if works:
             with self._lock:
                 self._unrecorded += len(works)
-                self._finished += works
-                self._lock.notify_all()
+            for work in works:
+                self._finished.put(work)
 
     def _release(self, n: int) -> None:
         if n:
             with self._lock:
                 self._busy -= n
-                wake = self._main_waits or (self._busy == 0 and self._unrecorded == 0)
+                idle = self._busy == 0 and self._unrecorded == 0
+                wake = self._main_waits or idle
                 self._main_waits = False
-                if self._busy == 0:
-                    self._lock.notify_all()
+                if idle:
+                    self._idle.set()
             if wake:
                 self._wake_main()
 

@@ -32,7 +32,7 @@ from tomqueue.registry import Heartbeat
 from tomqueue.sweeper import PeriodicSweeper
 from tomqueue.transport import Delivery, make_consumer
 from tomqueue.transport.base import Consumer
-from tomqueue.worker.pipeline import Pipeline
+from tomqueue.worker.pipeline import Pipeline, urgency
 from tomqueue.worker.work import Context
 
 log = logging.getLogger("tomqueue.worker")
@@ -204,11 +204,11 @@ class Worker:
         free = self.pipeline.free()
         if not self._buffer or free <= 0 or not self.ctx.lease_valid():
             return
-        self._buffer.sort(key=_urgency)
+        self._buffer.sort(key=urgency)
         level = self._buffer[0].level
         if level != LEVELS[0] and self.consumer.has_ready_above(level):
             self._buffer += self.consumer.poll(0.05, 0)
-            self._buffer.sort(key=_urgency)
+            self._buffer.sort(key=urgency)
         chosen, self._buffer = self._buffer[:free], self._buffer[free:]
         self.pipeline.submit(chosen)
 
@@ -248,11 +248,6 @@ class Worker:
 
     def _needs_restart(self) -> bool:
         return self.ctx.abandoned_threads > self.threads
-
-
-def _urgency(delivery: Delivery) -> tuple[int, float]:
-    level = LEVELS.index(delivery.level) if delivery.level in LEVELS else 1
-    return level, delivery.received_at
 
 
 def application_modules() -> frozenset[str]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 
 from tomqueue.config import Config
+from tomqueue.db import HeldConnection
 from tomqueue.message import Notification
 from tomqueue.schema import Job
 from tomqueue.transport.base import Consumer, Delivery
@@ -37,6 +38,19 @@ class Context:
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     watchdog: Watchdog | None = None  # set by the pipeline that runs the jobs
+    _held: threading.local = field(default_factory=threading.local)
+
+    def connection(self) -> HeldConnection:
+        """This thread's own database connection, kept between batches."""
+        held: HeldConnection | None = getattr(self._held, "connection", None)
+        if held is None:
+            held = self._held.connection = HeldConnection(self.engine)
+        return held
+
+    def release_connection(self) -> None:
+        held: HeldConnection | None = getattr(self._held, "connection", None)
+        if held is not None:
+            held.close()
 
     def count(self, key: str, n: int = 1) -> None:
         with self.lock:
