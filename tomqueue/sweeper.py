@@ -27,13 +27,15 @@ from tomqueue.transport import get_publisher
 log = logging.getLogger("tomqueue.sweeper")
 
 BATCH = 1000
+PREFETCH_ALLOWANCE = 200  # unacked messages a consumer may hold (its prefetch), at most
 
 
 def backlogged_queues(conn: Connection, config: Config, now: datetime) -> list[str | None]:
-    """Queue sets whose broker queues hold at least as many messages as the database has
-    due, unlocked jobs for them: their notifications are presumably waiting in the broker,
-    so republishing would only pile duplicates onto a backlog. A lost notification there is
-    found once the backlog drains below the database's count."""
+    """Queue sets with a backlog in the broker that accounts for their due, unlocked jobs:
+    their notifications are presumably waiting (ready, or prefetched by a consumer), so
+    republishing would only pile duplicates onto the backlog. A notification lost there is
+    found once the backlog drains (or when the jobs outnumber it by more than what the
+    consumers may hold prefetched: ``PREFETCH_ALLOWANCE`` each)."""
     if not config.uses_broker:
         return []
     due = conn.execute(
@@ -43,11 +45,16 @@ def backlogged_queues(conn: Connection, config: Config, now: datetime) -> list[s
     ).all()
     if not due:
         return []
-    from tomqueue.transport.amqp import queue_depths
+    from tomqueue.transport.amqp import queue_stats
 
-    depths = queue_depths(config, [queue for queue, _n in due])
-    per_set = {q: sum(d for (dq, _lv), d in depths.items() if dq == q) for q, _n in due}
-    return [queue for queue, n in due if per_set[queue] >= n]
+    stats = queue_stats(config, [queue for queue, _n in due])
+    backlogged = []
+    for queue, n in due:
+        ready = sum(r for (q, _lv), (r, _c) in stats.items() if q == queue)
+        consumers = sum(c for (q, _lv), (_r, c) in stats.items() if q == queue)
+        if ready > 0 and ready + consumers * PREFETCH_ALLOWANCE >= n:
+            backlogged.append(queue)
+    return backlogged
 
 
 def _candidates(

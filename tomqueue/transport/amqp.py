@@ -231,20 +231,27 @@ def queue_depths(
     config: Config, queue_sets: Sequence[str | None]
 ) -> dict[tuple[str | None, str], int]:
     """Ready messages per (queue set, level), by passive declares; missing queues: 0."""
+    return {key: ready for key, (ready, _consumers) in queue_stats(config, queue_sets).items()}
+
+
+def queue_stats(
+    config: Config, queue_sets: Sequence[str | None]
+) -> dict[tuple[str | None, str], tuple[int, int]]:
+    """(ready messages, consumers) per (queue set, level); missing queues: (0, 0)."""
     topology = Topology.of(config)
     connection = connect(config, "inspect")
-    depths: dict[tuple[str | None, str], int] = {}
+    stats: dict[tuple[str | None, str], tuple[int, int]] = {}
     try:
         for queue in queue_sets:
             for level, name, _key in topology.queues_of(queue):
                 channel = connection.channel()
                 try:
                     ok = channel.queue_declare(name, passive=True)
-                    depths[(queue, level)] = ok.method.message_count
+                    stats[(queue, level)] = (ok.method.message_count, ok.method.consumer_count)
                     channel.close()
                 except ChannelClosedByBroker:  # 404: the queue does not exist
-                    depths[(queue, level)] = 0
+                    stats[(queue, level)] = (0, 0)
     finally:
         if connection.is_open:
             connection.close()
-    return depths
+    return stats
