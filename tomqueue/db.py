@@ -13,14 +13,29 @@ from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, literal_column, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    inspect,
+    literal_column,
+    select,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
 from tomqueue.config import Config, redact_url
 from tomqueue.errors import DatabaseUnavailable
-from tomqueue.schema import SCHEMA_VERSION, Base, SchemaInfo, schema_info
+from tomqueue.schema import (
+    FILLFACTOR,
+    OBSOLETE_INDEXES,
+    SCHEMA_VERSION,
+    Base,
+    SchemaInfo,
+    schema_info,
+)
 
 log = logging.getLogger("tomqueue.db")
 
@@ -188,6 +203,7 @@ def migrate(config: Config, echo: Any = None) -> int:
             Base.metadata.create_all(conn)
             created = sorted({t.name for t in Base.metadata.sorted_tables} - existing)
             added = _add_missing_columns(conn)
+            indexes = _sync_indexes(conn)
             row = conn.execute(select(SchemaInfo).where(SchemaInfo.id == 1)).first()
             now = db_now(conn)
             if row is None:
@@ -208,6 +224,8 @@ def migrate(config: Config, echo: Any = None) -> int:
         say(f"created tables: {', '.join(created)}")
     if added:
         say(f"added columns: {', '.join(added)}")
+    if indexes:
+        say(f"indexes: {', '.join(indexes)}")
     say(f"schema is at version {SCHEMA_VERSION} on {redact_url(config.database_url)}")
     return SCHEMA_VERSION
 
@@ -227,6 +245,27 @@ def _add_missing_columns(conn: Connection) -> list[str]:
             conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl}{clause}")
             added.append(f"{table.name}.{column.name}")
     return added
+
+
+def _sync_indexes(conn: Connection) -> list[str]:
+    """Upgrade older schemas: create the indexes the models have and the tables lack, drop
+    the ones that are no longer wanted; on PostgreSQL, set the table's fillfactor."""
+    changed = []
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {ix["name"] for ix in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in present:
+                index.create(conn)
+                changed.append(f"index {index.name}")
+        for name in OBSOLETE_INDEXES.get(table.name, ()):
+            if name in present:
+                on = f" ON {table.name}" if conn.dialect.name in ("mysql", "mariadb") else ""
+                conn.exec_driver_sql(f"DROP INDEX {name}{on}")
+                changed.append(f"dropped index {name}")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"ALTER TABLE delayed_jobs SET (fillfactor = {FILLFACTOR})")
+    return changed
 
 
 def _first_line(exc: BaseException) -> str:
