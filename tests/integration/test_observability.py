@@ -18,11 +18,9 @@ from tests import ledger
 from tests.conftest import (
     AMQP_URL,
     Stack,
-    WorkerThread,
     job_count,
     on_stacks,
     run_worker,
-    wait_until,
 )
 from tests.jobs import Boom, Record, Sleepy
 from tomqueue import failpoints
@@ -76,14 +74,8 @@ def test_exception_reporter_gets_internal_errors_and_the_job_still_runs(
     monkeypatch.setattr(db_lock, "lock_batch", flaky_lock)
     tomqueue.enqueue(Record(ledger_path, "survivor"))
 
-    # not --exit-on-complete: on RabbitMQ it may exit while the requeued delivery is on its
-    # way back (not ready, not yet received), leaving the job for the next worker
-    worker = WorkerThread(config, threads=1).start()
-    try:
-        wait_until(lambda: ledger.markers(ledger_path), 15, "the job to run after the error")
-    finally:
-        worker.stop()
-        assert worker.join(20) == 0
+    # --exit-on-complete: the requeued delivery is waited for, not left for the next worker
+    worker = run_worker(config, threads=1, timeout=20)
 
     assert [str(e) for e in reported] == ["database hiccup (injected)"]
     assert worker.counters.get("internal_error") == 1
