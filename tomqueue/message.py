@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +12,7 @@ from tomqueue.errors import MessageError
 
 CONTENT_TYPE = "application/json"
 MAX_BODY_BYTES = 4096
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +23,7 @@ class Notification:
     priority: int = 0
     queue: str | None = None
     kind: str = ""
+    trace: str = ""  # the enqueuing span's W3C traceparent (tomqueue.tracing), if any
 
     def encode(self) -> bytes:
         body = {
@@ -32,13 +35,16 @@ class Notification:
 
     def headers(self, level: str) -> dict[str, Any]:
         """AMQP headers that make a message readable in the management UI."""
-        return {
+        headers: dict[str, Any] = {
             "job_id": self.job_id,
             "job_class": self.kind[:255],
             "priority": self.priority,
             "priority_level": level,
             "queue": self.queue or "",
         }
+        if self.trace:
+            headers["traceparent"] = self.trace
+        return headers
 
 
 def decode(body: bytes, headers: dict[str, Any] | None = None) -> Notification:
@@ -69,7 +75,17 @@ def decode(body: bytes, headers: dict[str, Any] | None = None) -> Notification:
         priority=priority if isinstance(priority, int) else 0,
         queue=headers.get("queue") or None,
         kind=str(headers.get("job_class", "")),
+        trace=_traceparent(headers.get("traceparent")),
     )
+
+
+def _traceparent(value: Any) -> str:
+    """A well-formed W3C traceparent, or "" (a malformed one is ignored, not an error)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str) and _TRACEPARENT.fullmatch(value):
+        return value
+    return ""
 
 
 def _parse_time(value: Any) -> datetime:

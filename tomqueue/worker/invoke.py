@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from tomqueue import lifecycle
+from tomqueue import lifecycle, tracing
 from tomqueue.config import Config
 from tomqueue.db import utcnow
 from tomqueue.schema import Job
@@ -44,8 +44,15 @@ def layer(work: Work, call_next: Next | None = None) -> None:
         work.outcome = Failed(work.give_up, _destroy(work.payload, work.ctx.config), False)
         return
     started = time.monotonic()
+    note = work.note
+    attributes = {
+        "tomqueue.job_id": job.id,
+        "tomqueue.queue": work.queue,
+        "tomqueue.attempt": job.attempts + 1,
+    }
     try:
-        perform(job, work.payload)
+        with tracing.perform_span(job.name, note.trace if note else "", attributes):
+            perform(job, work.payload)
         work.outcome = Succeeded()
     except Exception as exc:
         work.outcome = failure_outcome(work, exc, time.monotonic() - started)

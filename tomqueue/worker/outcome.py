@@ -209,7 +209,7 @@ def _plan(work: Work) -> Planned:
             notified_at=now,
         )
         return update(Job).where(mine).values(**values, **unlock), _note(
-            job, job.version + 1, outcome.run_at
+            work, job.version + 1, outcome.run_at
         )
     if isinstance(outcome, Failed):
         values = dict(
@@ -220,7 +220,7 @@ def _plan(work: Work) -> Planned:
         return update(Job).where(mine).values(**values, **unlock), None
     values = dict(version=Job.version + 1, notified_at=now)  # Released
     return update(Job).where(mine).values(**values, **unlock), _note(
-        job, job.version + 1, job.run_at
+        work, job.version + 1, job.run_at
     )
 
 
@@ -249,5 +249,8 @@ def _report(work: Work, written: bool, follow_up: Notification | None) -> list[N
     return [follow_up] if follow_up else []
 
 
-def _note(job: Job, version: int, run_at: datetime) -> Notification:
-    return Notification(job.id, version, run_at, job.priority, job.queue, job.name)
+def _note(work: Work, version: int, run_at: datetime) -> Notification:
+    job = work.job
+    assert job is not None
+    trace = work.note.trace if work.note is not None else ""
+    return Notification(job.id, version, run_at, job.priority, job.queue, job.name, trace)

@@ -1,0 +1,64 @@
+"""Optional OpenTelemetry spans that link an enqueue to the job's runs.
+
+With ``opentelemetry-api`` installed (``pip install 'tomqueue[otel]'``) and a tracer provider
+set up by the application, ``enqueue`` runs in a PRODUCER span ``tomqueue enqueue <kind>``
+and the notification carries that span's W3C ``traceparent`` (an AMQP header; the deferred
+manager and a retry's follow-up keep it); each run of the job is a CONSUMER span ``tomqueue
+perform <kind>``, a child of the enqueue span, with the job's id, queue and attempt. Without
+the package, or without a provider, every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+try:
+    import opentelemetry.propagate as propagate
+    import opentelemetry.trace as trace
+except ImportError:  # pragma: no cover - exercised where the package is missing
+    trace = None  # type: ignore[assignment]
+    propagate = None  # type: ignore[assignment]
+
+TRACER_NAME = "tomqueue"
+
+
+@contextmanager
+def enqueue_span(kind: str) -> Iterator[None]:
+    if trace is None:
+        yield
+        return
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span(f"tomqueue enqueue {kind}", kind=trace.SpanKind.PRODUCER):
+        yield
+
+
+def current_traceparent() -> str:
+    """The current span's ``traceparent``, or "" when there is none."""
+    if propagate is None:
+        return ""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+@contextmanager
+def perform_span(kind: str, traceparent: str, attributes: dict[str, Any]) -> Iterator[None]:
+    if trace is None:
+        yield
+        return
+    parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span(
+        f"tomqueue perform {kind}",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={k: v for k, v in attributes.items() if v is not None},
+    ) as span:
+        try:
+            yield
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+            raise
