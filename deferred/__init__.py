@@ -19,7 +19,7 @@ Operating it:
   (exit 2) if it exists with another type. It consumes with ``prefetch_count=0``
   (unlimited): a quorum queue caps that at 2,000 unacked messages per consumer, and an
   explicit prefetch is capped by the protocol at 65,535, so neither can hold a large backlog.
-- **Memory**: about 180-190 bytes per held job (``python -m bench.deferred_memory``), so
+- **Memory**: about 185-195 bytes per held job (``python -m bench.deferred_memory``), so
   100,000 future jobs cost about 19 MB.
 - **Several managers** may run at once; the broker gives each a disjoint share. Duplicate
   notifications (after a crash, a reconnect, a refresh racing a failure) are harmless:
