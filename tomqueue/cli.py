@@ -154,15 +154,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
     _worker_parser(sub.add_parser("worker", help="run jobs"))
-    d = sub.add_parser(
-        "deferred", help="run the deferred manager (options: see python -m deferred --help)"
-    )
-    d.add_argument(
-        "options",
-        nargs=argparse.REMAINDER,
-        help="--refresh-interval SECONDS, --stats-interval SECONDS, --metrics-port",
-    )
-    d.set_defaults(func=cmd_deferred)
+    # the deferred manager parses its own options (python -m deferred --help)
+    d = sub.add_parser("deferred", help="run the deferred manager", add_help=False)
+    d.set_defaults(func=cmd_deferred, options=[])
     r = sub.add_parser("republish", help="publish notifications again for due jobs")
     r.add_argument("--all", action="store_true", help="every unfailed, unlocked job")
     r.set_defaults(func=cmd_republish)
@@ -211,7 +205,12 @@ def _worker_parser(w: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if args.command == "deferred":
+        args.options = extra  # everything after "deferred" is the manager's
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.DEBUG if args.verbose else logging.INFO,
