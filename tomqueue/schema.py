@@ -133,6 +133,8 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255), nullable=False)
     expires_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+    # JSON: what the holder's last run reported (the sweeper: see tomqueue.sweep_report)
+    report: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class SchemaInfo(Base):

@@ -6,7 +6,9 @@
 - the age of the oldest ready job overall: ``--max-age S`` exits 2 when it passes S seconds
   (Delayed::Job's ``check(max_age)``);
 - the worker registry, and the deferred managers with what each holds and when its next
-  job is due, plus the deferred queue's depth on the broker.
+  job is due, plus the deferred queue's depth on the broker;
+- the periodic sweeper's last report: when, by whom, how many notifications it
+  republished and how late they were.
 
 ``collect`` builds the report (the ``--json`` output); ``tomqueue.status_table`` renders it.
 """
@@ -25,6 +27,7 @@ from tomqueue.config import LEVELS, Config
 from tomqueue.db import db_now, get_engine
 from tomqueue.leases import live_workers_since
 from tomqueue.schema import DeferredManagerRecord, Job, WorkerRecord
+from tomqueue.sweep_report import last_sweep
 from tomqueue.topology import Topology
 
 STATES = ("ready", "scheduled", "running", "failed")
@@ -38,6 +41,7 @@ def collect(config: Config) -> dict[str, Any]:
         table = _jobs(conn, config, now)
         workers = _workers(conn, config, now)
         managers = _managers(conn, config, now)
+        sweep = last_sweep(conn, now)
     depths = _depths(config, sorted({q for q, _lv in table}))
     ages = [r["oldest_ready_age_seconds"] for r in table.values()]
     return {
@@ -50,6 +54,7 @@ def collect(config: Config) -> dict[str, Any]:
         "workers": workers,
         "deferred": _deferred(config, managers),
         "deferred_managers": managers,
+        "last_sweep": sweep,
     }
 
 

@@ -73,10 +73,10 @@ def _sweep(sweep: dict[str, Any]) -> str:
         f"last sweep {_seconds(sweep['seconds_ago'])} ago by {sweep['holder']}: "
         f"republished {sweep['republished']}"
     )
-    if sweep["republished"]:
-        text += f", the oldest {_seconds(sweep['lateness_seconds'])} past its run_at"
-        if sweep["since_notified_seconds"] is not None:
-            text += f" and {_seconds(sweep['since_notified_seconds'])} since its last notice"
+    if sweep["lateness_seconds"] is not None:
+        text += f", the most overdue {_seconds(sweep['lateness_seconds'])} past its run_at"
+    if sweep["since_notified_seconds"] is not None:
+        text += f", the longest unnotified {_seconds(sweep['since_notified_seconds'])}"
     return text
 
 
