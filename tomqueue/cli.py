@@ -21,10 +21,15 @@ def _config() -> Config:
     return Config.from_env()
 
 
+def _say(line: str) -> None:
+    """Progress of long CLI work: shown at once, even through a pipe or a log file."""
+    print(line, flush=True)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from tomqueue.db import migrate
 
-    migrate(_config(), echo=print)
+    migrate(_config(), echo=_say)
     return 0
 
 
@@ -137,7 +142,7 @@ def cmd_deferred(args: argparse.Namespace) -> int:
 def cmd_republish(args: argparse.Namespace) -> int:
     from tomqueue.sweeper import republish
 
-    count = republish(_config(), everything=args.all, echo=print)
+    count = republish(_config(), everything=args.all, echo=_say)
     print(f"republished {count} notification(s)")
     return 0
 
