@@ -54,6 +54,7 @@ from deferred.session import Session
 from tomqueue import metrics
 from tomqueue.config import Config, default_worker_name
 from tomqueue.errors import BrokerUnavailable, ConfigError, PublishError, TomQueueError
+from tomqueue.logconfig import setup as setup_logging
 
 log = logging.getLogger("deferred")
 
@@ -279,15 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"deferred: {exc}", file=sys.stderr)
         return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if options.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
-        )
-        # pika logs every failed connection attempt as errors with tracebacks; the manager
-        # reports them itself, once, with the password-free URL and the retry delay.
-        logging.getLogger("pika").setLevel(logging.WARNING if options.verbose else logging.CRITICAL)
     try:
+        setup_logging(options.log_format, options.log_config, options.verbose)
         config = Config.from_env()
         if options.metrics_port:
             metrics.serve(options.metrics_port)

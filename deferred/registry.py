@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from tomqueue.config import Config, redact_url
-from tomqueue.db import db_now, get_engine, now_sql
+from tomqueue.db import db_now, first_line, get_engine, now_sql
 from tomqueue.schema import DeferredManagerRecord as Record
 
 log = logging.getLogger("deferred")
@@ -105,7 +105,7 @@ class ManagerRecord:
                     "tomqueue status will not list it until this works (tomqueue migrate?)",
                     Record.__tablename__,
                     type(exc).__name__,
-                    _first_line(exc),
+                    first_line(exc),
                     extra={"action": "deferred_registry_failed"},
                 )
             self._failing = True
@@ -158,8 +158,3 @@ def _database_exists(url: str) -> bool:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return True
     return os.path.exists(parsed.database or "")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -13,6 +13,8 @@ from types import FrameType
 
 from tomqueue.config import Config
 from tomqueue.errors import TomQueueError
+from tomqueue.logconfig import CONFIG_ENV, FORMAT_ENV, FORMATS
+from tomqueue.logconfig import setup as setup_logging
 
 log = logging.getLogger("tomqueue.cli")
 
@@ -55,7 +57,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
-    argv = [sys.executable, "-m", "tomqueue", "worker", "--threads", str(args.threads)]
+    argv = [sys.executable, "-m", "tomqueue", *_log_argv(args), "worker"]
+    argv += ["--threads", str(args.threads)]
     for module in args.imports:
         argv += ["--import", module]
     for queue in args.queues:
@@ -136,7 +139,17 @@ def _supervise(args: argparse.Namespace) -> int:
 def cmd_deferred(args: argparse.Namespace) -> int:
     from deferred.manager import main as deferred_main
 
-    return int(deferred_main((["-v"] if args.verbose else []) + args.options))
+    return int(deferred_main(_log_argv(args) + args.options))
+
+
+def _log_argv(args: argparse.Namespace) -> list[str]:
+    """The logging options given to this process, for a process it starts."""
+    argv = ["-v"] if args.verbose else []
+    if args.log_format:
+        argv += ["--log-format", args.log_format]
+    if args.log_config:
+        argv += ["--log-config", args.log_config]
+    return argv
 
 
 def cmd_republish(args: argparse.Namespace) -> int:
@@ -153,11 +166,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return int(status_main(args))
 
 
+def _log_options(p: argparse.ArgumentParser, default: object) -> None:
+    """On the main parser (default None) and each subcommand (SUPPRESS: not given there
+    keeps the main parser's value), so both ``tomqueue --log-format json worker`` and
+    ``tomqueue worker --log-format json`` work."""
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=default,
+        help=f"text (default) or json: one JSON object per line (env {FORMAT_ENV})",
+    )
+    p.add_argument(
+        "--log-config",
+        default=default,
+        metavar="FILE",
+        help=f"logging config: .json/.yaml for dictConfig, else fileConfig (env {CONFIG_ENV})",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tomqueue", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _log_options(p, None)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
+    m = sub.add_parser("migrate", help="create or upgrade the schema")
+    m.set_defaults(func=cmd_migrate)
     _worker_parser(sub.add_parser("worker", help="run jobs"))
     # the deferred manager parses its own options (python -m deferred --help)
     d = sub.add_parser("deferred", help="run the deferred manager", add_help=False)
@@ -174,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
         help="exit 2 if the oldest ready job waited longer (seconds)",
     )
     s.set_defaults(func=cmd_status)
+    for command in (m, r, s):
+        _log_options(command, argparse.SUPPRESS)
     return p
 
 
@@ -206,6 +241,7 @@ def _worker_parser(w: argparse.ArgumentParser) -> None:
         default=None,
         help="serve Prometheus metrics on 127.0.0.1:PORT (with -n, PORT+i)",
     )
+    _log_options(w, argparse.SUPPRESS)
     w.set_defaults(func=cmd_worker)
 
 
@@ -216,14 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.options = extra  # everything after "deferred" is the manager's
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
-        )
-        # tomqueue logs its own clear line for broker trouble; pika's tracebacks add noise
-        logging.getLogger("pika").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
+        if args.command != "deferred":  # the manager sets up its own logging
+            setup_logging(args.log_format, args.log_config, args.verbose)
         return int(args.func(args))
     except TomQueueError as exc:
         print(f"tomqueue {args.command}: {exc}", file=sys.stderr)
