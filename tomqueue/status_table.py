@@ -45,13 +45,13 @@ def _workers(workers: list[dict[str, Any]]) -> list[str]:
 
 def _deferred(report: dict[str, Any]) -> list[str]:
     managers = report["deferred_managers"]
-    lines = [f"{'deferred manager':<40} {'queue':<20} {'seen':>6} {'held':>7}  next due"]
+    lines = [f"{'deferred manager':<40} {'queue':<26} {'seen':>6} {'held':>7}  next due"]
     for m in managers:
         state = f"{m['last_seen_seconds_ago']:.0f}s" + ("" if m["alive"] else " DEAD")
         due = "-"
         if m["next_due"] is not None:
             due = f"{m['next_due'][:23]}Z (in {m['next_due_in_seconds']:.1f} s)"
-        lines.append(f"{m['name']:<40} {m['queue']:<20} {state:>6} {m['held']:>7}  {due}")
+        lines.append(f"{m['name']:<40} {m['queue']:<26} {state:>6} {m['held']:>7}  {due}")
     if not managers:
         lines.append("(no deferred managers registered)")
     deferred = report["deferred"]

@@ -25,6 +25,7 @@ from tests.conftest import (
     REPO_ROOT,
     WorkerThread,
     declare_topology,
+    drain_queue,
     wait_until,
     worker_env,
 )
@@ -53,7 +54,7 @@ def current_jobs(config: Config) -> list[int]:
     return [job for r in rows for job in json.loads(r.current_jobs or "[]")]
 
 
-def test_status_table_json_and_max_age(pg_amqp: Config, ledger_path: str) -> None:
+def test_status_table_json_and_max_age(pg_amqp: Config, ledger_path: str, tmp_path: Path) -> None:
     config = pg_amqp.replace(heartbeat_interval=0.5, lease_timeout=3.0, stop_grace=0.5)
     tomqueue.configure(config)
     declare_topology(config, (None, "mail"))
@@ -61,18 +62,28 @@ def test_status_table_json_and_max_age(pg_amqp: Config, ledger_path: str) -> Non
     old = tomqueue.enqueue(Record(ledger_path, "old"), priority=0)
     tomqueue.enqueue(Record(ledger_path, "new"), priority=0)
     failed = tomqueue.enqueue(Record(ledger_path, "failed"), priority=0)
-    tomqueue.enqueue(Record(ledger_path, "later"), priority=1, run_at=timedelta(hours=1))
+    later = tomqueue.enqueue(Record(ledger_path, "later"), priority=1, run_at=timedelta(hours=1))
+    lost = tomqueue.enqueue(Record(ledger_path, "lost"), priority=10, queue="mail")
+    drain_queue(config, f"{config.prefix}.mail.bulk")  # its notification is lost
     with get_engine(config).begin() as conn:
         now = db_now(conn)
         conn.execute(
             update(Job).where(Job.id == old.id).values(run_at=now - timedelta(seconds=120))
         )
         conn.execute(update(Job).where(Job.id == failed.id).values(failed_at=now))
+        conn.execute(
+            update(Job)
+            .where(Job.id == lost.id)
+            .values(run_at=now - timedelta(seconds=90), notified_at=now - timedelta(seconds=75))
+        )
     running = tomqueue.enqueue(Sleepy(ledger_path, "busy", 60), queue="mail")
     worker = WorkerThread(config, queues=["mail"], threads=1).start()
+    manager = start_manager(config, tmp_path / "manager.log")
     try:
         wait_until(lambda: ledger.counts(ledger_path, "start")["busy"], 20, "the job to run")
         wait_until(lambda: current_jobs(config) == [running.id], 10, "the heartbeat")
+        wait_until(lambda: [m["held"] for m in managers(config)] == [1], 20, "the manager")
+        assert worker.worker.sweeper.sweep_once() == 1, "the job whose notification was lost"
 
         as_json = status(config, "--json")
         table = status(config)
@@ -81,6 +92,8 @@ def test_status_table_json_and_max_age(pg_amqp: Config, ledger_path: str) -> Non
     finally:
         worker.stop()
         worker.join(20)
+        manager.send_signal(signal.SIGTERM)
+        assert manager.wait(15) == 0
     print(f"\n$ tomqueue status\n{table.stdout}\n$ tomqueue status --json\n{as_json.stdout}")
 
     assert as_json.returncode == 0, as_json.stderr
@@ -93,11 +106,14 @@ def test_status_table_json_and_max_age(pg_amqp: Config, ledger_path: str) -> Non
         ("balance", "normal"): (2, 0, 0, 1),
         ("balance", "low"): (0, 1, 0, 0),
         ("mail", "normal"): (0, 0, 1, 0),
+        ("mail", "bulk"): (1, 0, 0, 0),
     }
     # the broker holds the notifications nobody consumed (the failed job's one too); the
     # running job's delivery is unacked, so not counted as ready; the scheduled one waits
     # in the deferred queue
+    # (the republished one is on its way to the busy worker's buffer: 1 or 0)
     depths = {key: r["broker_depth"] for key, r in rows.items()}
+    assert depths.pop(("mail", "bulk")) in (0, 1)
     assert depths == {
         ("balance", "high"): 1,
         ("balance", "normal"): 3,
@@ -108,9 +124,18 @@ def test_status_table_json_and_max_age(pg_amqp: Config, ledger_path: str) -> Non
     lag = {key: r["oldest_ready_age_seconds"] for key, r in rows.items()}
     assert lag[("balance", "high")] < 60 and 119 <= lag[("balance", "normal")] < 180
     assert lag[("balance", "low")] is None and lag[("mail", "normal")] is None
+    assert 89 <= lag[("mail", "bulk")] < 150
     assert [(r["queue"], r["level"]) for r in report["queues"]] == [
-        ("balance", "high"), ("balance", "normal"), ("balance", "low"), ("mail", "normal")
+        ("balance", "high"), ("balance", "normal"), ("balance", "low"),
+        ("mail", "normal"), ("mail", "bulk"),
     ]  # fmt: skip
+    [held] = report["deferred_managers"]
+    assert (held["pid"], held["held"]) == (manager.pid, 1)
+    assert held["next_due"] == later.run_at.isoformat()
+    assert report["deferred"]["held"] == 1 and report["deferred"]["broker_consumers"] == 1
+    sweep = report["last_sweep"]
+    assert (sweep["holder"], sweep["republished"]) == (worker.worker.name, 1)
+    assert 89 <= sweep["lateness_seconds"] < 150 and 74 <= sweep["since_notified_seconds"] < 150
     [registered] = report["workers"]
     assert registered["name"] == worker.worker.name
     assert registered["queues"] == "mail" and registered["alive"] is True
@@ -122,21 +147,27 @@ def test_status_table_json_and_max_age(pg_amqp: Config, ledger_path: str) -> Non
     assert lines[0].split() == [
         "queue", "level", "ready", "scheduled", "running", "failed", "broker", "lag"
     ]  # fmt: skip
-    body = [line.split() for line in lines[2:6]]
-    assert [row[:7] for row in body] == [  # levels by urgency, not alphabetically
-        ["balance", "high", "1", "0", "0", "0", "1"],
-        ["balance", "normal", "2", "0", "0", "1", "3"],
-        ["balance", "low", "0", "1", "0", "0", "0"],
-        ["mail", "normal", "0", "0", "1", "0", "0"],
+    body = [line.split() for line in lines[2:7]]
+    assert [row[:6] for row in body] == [  # levels by urgency, not alphabetically
+        ["balance", "high", "1", "0", "0", "0"],
+        ["balance", "normal", "2", "0", "0", "1"],
+        ["balance", "low", "0", "1", "0", "0"],
+        ["mail", "normal", "0", "0", "1", "0"],
+        ["mail", "bulk", "1", "0", "0", "0"],
     ]
+    assert [row[6] for row in body[:4]] == ["1", "3", "0", "0"]
     lags = [row[7] for row in body]
     assert float(lags[0].rstrip("s")) < 60 and 119 <= float(lags[1].rstrip("s")) < 180
-    assert lags[2:] == ["-", "-"], "no ready job: no lag"
-    assert lines[6].startswith("oldest ready job waited 1")
+    assert lags[2:4] == ["-", "-"], "no ready job: no lag"
+    assert lines[7].startswith("oldest ready job waited 1")
     worker_line = next(line for line in lines if line.startswith(worker.worker.name))
     queues, seen, jobs = worker_line[len(worker.worker.name) :].split()
     assert (queues, jobs) == ("mail", str(running.id)) and seen in ("0s", "1s", "2s")
-    assert "(no deferred managers registered)" in lines
+    assert any(line.startswith(f"host:{socket.gethostname()} pid:{manager.pid} ") for line in lines)
+    assert (
+        lines[-1].startswith("last sweep ")
+        and f"by {worker.worker.name}: republished 1" in lines[-1]
+    )
 
     assert too_old.returncode == 2, too_old.stdout + too_old.stderr
     assert fresh_enough.returncode == 0, fresh_enough.stderr
