@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tomqueue.errors import ConfigError
-from tomqueue.logconfig import CONFIG_ENV, FORMAT_ENV, FORMATS
+from tomqueue.logconfig import add_options as add_log_options
 
 DEFAULT_REFRESH = 600.0
 DEFAULT_STATS_INTERVAL = 30.0
@@ -99,18 +99,7 @@ def parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on 127.0.0.1:PORT",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument(
-        "--log-format",
-        choices=FORMATS,
-        default=None,
-        help=f"text (default) or json: one JSON object per line (env {FORMAT_ENV})",
-    )
-    p.add_argument(
-        "--log-config",
-        default=None,
-        metavar="FILE",
-        help=f"logging config: .json/.yaml for dictConfig, else fileConfig (env {CONFIG_ENV})",
-    )
+    add_log_options(p)
     return p
 
 

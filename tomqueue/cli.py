@@ -13,7 +13,7 @@ from types import FrameType
 
 from tomqueue.config import Config
 from tomqueue.errors import TomQueueError
-from tomqueue.logconfig import CONFIG_ENV, FORMAT_ENV, FORMATS
+from tomqueue.logconfig import add_options as add_log_options
 from tomqueue.logconfig import setup as setup_logging
 
 log = logging.getLogger("tomqueue.cli")
@@ -166,28 +166,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return int(status_main(args))
 
 
-def _log_options(p: argparse.ArgumentParser, default: object) -> None:
-    """On the main parser (default None) and each subcommand (SUPPRESS: not given there
-    keeps the main parser's value), so both ``tomqueue --log-format json worker`` and
-    ``tomqueue worker --log-format json`` work."""
-    p.add_argument(
-        "--log-format",
-        choices=FORMATS,
-        default=default,
-        help=f"text (default) or json: one JSON object per line (env {FORMAT_ENV})",
-    )
-    p.add_argument(
-        "--log-config",
-        default=default,
-        metavar="FILE",
-        help=f"logging config: .json/.yaml for dictConfig, else fileConfig (env {CONFIG_ENV})",
-    )
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tomqueue", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    _log_options(p, None)
+    add_log_options(p, None)
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("migrate", help="create or upgrade the schema")
     m.set_defaults(func=cmd_migrate)
@@ -207,8 +189,10 @@ def parser() -> argparse.ArgumentParser:
         help="exit 2 if the oldest ready job waited longer (seconds)",
     )
     s.set_defaults(func=cmd_status)
+    # on each subcommand too (SUPPRESS: not given there keeps the main parser's value), so
+    # both "tomqueue --log-format json worker" and "tomqueue worker --log-format json" work
     for command in (m, r, s):
-        _log_options(command, argparse.SUPPRESS)
+        add_log_options(command, argparse.SUPPRESS)
     return p
 
 
@@ -241,7 +225,7 @@ def _worker_parser(w: argparse.ArgumentParser) -> None:
         default=None,
         help="serve Prometheus metrics on 127.0.0.1:PORT (with -n, PORT+i)",
     )
-    _log_options(w, argparse.SUPPRESS)
+    add_log_options(w, argparse.SUPPRESS)
     w.set_defaults(func=cmd_worker)
 
 

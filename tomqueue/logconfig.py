@@ -19,6 +19,7 @@ themselves:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import logging
@@ -62,6 +63,22 @@ class JsonFormatter(logging.Formatter):
         elif record.exc_text:
             entry["exception"] = record.exc_text
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def add_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """``--log-format`` and ``--log-config`` on a command's parser."""
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=default,
+        help=f"text (default) or json: one JSON object per line (env {FORMAT_ENV})",
+    )
+    parser.add_argument(
+        "--log-config",
+        default=default,
+        metavar="FILE",
+        help=f"logging config: .json/.yaml for dictConfig, else fileConfig (env {CONFIG_ENV})",
+    )
 
 
 def _utc(created: float) -> str:
