@@ -95,20 +95,22 @@ def test_5000_due_at_the_same_instant_all_run_in_priority_order(
     inversions = max_inversions(levels)
     last_high = max(i for i, lv in enumerate(levels) if lv == "high")
     first_bulk = levels.index("bulk")
+    high_after_bulk = levels[first_bulk:].count("high")
     print(
         f"\n5,000 due at once: first started {first * 1000:.1f} ms after run_at, all "
         f"within {last:.2f} s ({4 * PER_LEVEL / last:.0f} jobs/s on {WORKERS}x{THREADS} "
         f"threads); most less-urgent jobs started before a job: {inversions}; "
-        f"last high at #{last_high}, first bulk at #{first_bulk}"
+        f"last high at #{last_high}, first bulk at #{first_bulk} ({high_after_bulk} high after)"
     )
     assert first >= 0, "a job ran before its run_at"
     # The manager publishes strictly most urgent first. A worker whose buffer holds no
     # delivery of a more urgent level starts the next level's job at once (it asks the
     # broker about more urgent queues at most every 50 ms), so adjacent levels overlap a
-    # little at their boundary: ~100 of 1,250 measured. Released in arrival order (bulk
-    # first), over 1,000 bulk jobs start before the first high one.
+    # little at their boundary: 38-157 of 1,250 measured; the first bulk job came 82 to
+    # 1,300 starts after the last high one. Released in arrival order (bulk first), over
+    # 1,000 bulk jobs started before the first high one.
     assert inversions <= PER_LEVEL // 4, "not in priority order"
-    assert last_high < first_bulk, "a bulk job started before every high one had"
+    assert high_after_bulk <= WORKERS * THREADS, "high jobs waited behind bulk ones"
 
 
 def test_idle_workers_start_jobs_within_milliseconds_of_run_at(
