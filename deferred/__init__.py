@@ -15,11 +15,19 @@ Operating it:
   ``--stats-interval`` / ``TOMQUEUE_DEFERRED_STATS_INTERVAL`` (30 s) paces the log line with
   the held count and the next due time (also logged at exit; ``Manager.held_count()`` and
   ``Manager.next_due()`` report them in-process).
+- **Reporting**: each manager registers in ``tomqueue_deferred_managers`` (host, pid, queue,
+  started_at) and refreshes its row every ``heartbeat_interval`` (5 s) with ``last_seen``,
+  the held count, the next due time and how many it has published; a clean exit removes
+  the row. ``tomqueue status`` lists the managers (a row not refreshed for
+  ``lease_timeout`` is marked DEAD) and the deferred queue's depth. The log line of every
+  statistics interval has the stable keys ``action=deferred_stats``, ``held``,
+  ``next_due``, ``published``, ``refreshed``, ``dropped``, ``reconnects``. A database that
+  cannot be reached only stops the reporting, never the releasing.
 - **Queue type**: the deferred queue must be a *classic* queue; the manager refuses to start
   (exit 2) if it exists with another type. It consumes with ``prefetch_count=0``
   (unlimited): a quorum queue caps that at 2,000 unacked messages per consumer, and an
   explicit prefetch is capped by the protocol at 65,535, so neither can hold a large backlog.
-- **Memory**: about 180-190 bytes per held job (``python -m bench.deferred_memory``), so
+- **Memory**: about 185-195 bytes per held job (``python -m bench.deferred_memory``), so
   100,000 future jobs cost about 19 MB.
 - **Several managers** may run at once; the broker gives each a disjoint share. Duplicate
   notifications (after a crash, a reconnect, a refresh racing a failure) are harmless:

@@ -1,40 +1,59 @@
-"""What the deferred manager holds: unacked deliveries ordered by ``run_at``.
+"""What the deferred manager holds: unacked deliveries ordered by ``run_at``, then urgency.
 
 An entry is a plain tuple, small enough to hold 100,000 jobs in well under 300 bytes each::
 
-    (run_at_us, delivery_tag, job_id, version, meta)
+    (run_at_us, rank, delivery_tag, job_id, version, meta)
 
 - ``run_at_us``: ``run_at`` as integer microseconds since the Unix epoch (UTC). Exact: the
   wire format has microsecond precision, so the notification is rebuilt bit for bit.
-- ``delivery_tag``: the broker's tag on the consuming channel. Unique on that channel, so
-  ``(run_at_us, delivery_tag)`` orders entries totally and the tuple comparison never looks
-  further. ``0`` means "nothing to acknowledge" (a salvaged copy, see ``manager``).
+- ``rank``: the priority level's index in ``LEVELS`` (0 = high ... 3 = bulk), through the
+  configured ``priority_map``: jobs due at the same instant leave most urgent first.
+- ``delivery_tag``: the broker's tag on the consuming channel. Tags grow in arrival order
+  and are unique on that channel, so ``(run_at_us, rank, delivery_tag)`` orders entries
+  totally (ties: first come, first served) and the tuple comparison never looks further.
+  ``0`` means "nothing to acknowledge" (a salvaged copy, see ``manager``).
 - ``job_id``, ``version``: the notification's identity.
 - ``meta``: ``(priority, queue, kind)``, interned: the thousands of jobs of one class share
   one tuple.
 
-Measured by ``bench/deferred_memory.py`` at 100,000 held: 176 bytes per entry with
-tracemalloc (tuple, three ints, the list slot, shared ``meta``), 190 bytes of process RSS.
+**Due batches.** When the manager wakes, everything due by then moves to a second heap
+ordered by ``(rank, run_at_us, delivery_tag)``, and each turn publishes from that one: a
+burst of jobs that fell due together (a backlog after a pause, jobs due within the same
+few milliseconds) is released most urgent first, not in ``run_at`` order.
+
+Measured by ``bench/deferred_memory.py`` at 100,000 held: about 184 bytes per entry with
+tracemalloc (tuple, three ints, a shared small int, the list slot, shared ``meta``).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Final
 
+from tomqueue.config import DEFAULT_PRIORITY_MAP, LEVELS
 from tomqueue.message import Notification
 
 Meta = tuple[int, str | None, str]
-Entry = tuple[int, int, int, int, Meta]
+Entry = tuple[int, int, int, int, int, Meta]
+Rank = Callable[[int], int]
 
 EPOCH = datetime(1970, 1, 1)
 _ONE_US = timedelta(microseconds=1)
 _MAX_INTERNED = 10_000
 
 RUN_AT: Final = 0  # index of run_at_us in an entry
-TAG: Final = 1  # index of the delivery tag
+RANK: Final = 1  # index of the priority level's rank
+TAG: Final = 2  # index of the delivery tag
+
+
+def level_rank(priority_map: Mapping[int, str] = DEFAULT_PRIORITY_MAP) -> Rank:
+    """priority → index of its level in ``LEVELS`` (unmapped priorities are normal)."""
+    ranks = {priority: LEVELS.index(level) for priority, level in priority_map.items()}
+    normal = LEVELS.index("normal")
+    return lambda priority: ranks.get(priority, normal)
 
 
 def to_us(when: datetime) -> int:
@@ -48,23 +67,27 @@ def from_us(us: int) -> datetime:
 
 def notification(entry: Entry) -> Notification:
     """The notification an entry stands for."""
-    run_at_us, _tag, job_id, version, (priority, queue, kind) = entry
+    run_at_us, _rank, _tag, job_id, version, (priority, queue, kind) = entry
     return Notification(job_id, version, from_us(run_at_us), priority, queue, kind)
 
 
 class DeferredHeap:
-    """A binary heap of entries, earliest ``run_at`` first (owner thread only).
+    """Entries not yet due in a binary heap by ``(run_at, rank, tag)``; entries found due
+    in a second heap by ``(rank, run_at, tag)`` (owner thread only).
 
-    ``len()`` and ``next_due_us()`` are single C-level list reads and may be called from
-    another thread for status reporting.
+    ``len()`` and ``next_due_us()`` read a few attributes and may be called from another
+    thread for status reporting.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rank: Rank | None = None) -> None:
         self._heap: list[Entry] = []
+        self._due: list[tuple[int, Entry]] = []
+        self._due_since: int | None = None  # earliest run_at among the due entries
         self._metas: dict[Meta, Meta] = {}
+        self._rank = rank or level_rank()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._heap) + len(self._due)
 
     def push(self, note: Notification, tag: int) -> None:
         meta: Meta = (note.priority, note.queue, note.kind)
@@ -73,18 +96,33 @@ class DeferredHeap:
             if len(self._metas) < _MAX_INTERNED:
                 self._metas[meta] = meta
             shared = meta
-        heapq.heappush(self._heap, (to_us(note.run_at), tag, note.job_id, note.version, shared))
+        rank = self._rank(note.priority)
+        entry = (to_us(note.run_at), rank, tag, note.job_id, note.version, shared)
+        heapq.heappush(self._heap, entry)
 
     def next_due_us(self) -> int | None:
-        heap = self._heap
-        return heap[0][RUN_AT] if heap else None
+        """The earliest ``run_at`` held (due entries not yet released included)."""
+        due_since, heap = self._due_since, self._heap
+        try:
+            first = heap[0][RUN_AT] if heap else None
+        except IndexError:  # emptied by the owner thread meanwhile
+            first = None
+        if due_since is not None and (first is None or due_since < first):
+            return due_since
+        return first
 
     def pop_due(self, now_us: int, limit: int) -> list[Entry]:
-        """Remove and return up to ``limit`` entries due at ``now_us``, earliest first."""
-        heap = self._heap
-        out: list[Entry] = []
-        while heap and len(out) < limit and heap[0][RUN_AT] <= now_us:
-            out.append(heapq.heappop(heap))
+        """Remove and return up to ``limit`` entries due at ``now_us``, most urgent level
+        first, then earliest ``run_at``, then first arrived."""
+        heap, due = self._heap, self._due
+        while heap and heap[0][RUN_AT] <= now_us:
+            entry = heapq.heappop(heap)
+            if not due:
+                self._due_since = entry[RUN_AT]
+            heapq.heappush(due, (entry[RANK], entry))
+        out = [heapq.heappop(due)[1] for _ in range(min(limit, len(due)))]
+        if out:
+            self._due_since = min((entry[RUN_AT] for _rank, entry in due), default=None)
         return out
 
     def take_tags_up_to(self, last_tag: int) -> list[Entry]:
@@ -96,15 +134,22 @@ class DeferredHeap:
         if taken:
             heapq.heapify(keep)
             self._heap = keep
+        due_taken = [pair for pair in self._due if pair[1][TAG] <= last_tag]
+        if due_taken:
+            self._due = [pair for pair in self._due if pair[1][TAG] > last_tag]
+            heapq.heapify(self._due)
+            taken += [entry for _rank, entry in due_taken]
+            self._due_since = min((e[RUN_AT] for _r, e in self._due), default=None)
         taken.sort()
         return taken
 
     def take_all(self) -> list[Entry]:
-        entries, self._heap = sorted(self._heap), []
+        entries = sorted([*self._heap, *(entry for _rank, entry in self._due)])
+        self._heap, self._due, self._due_since = [], [], None
         return entries
 
     def clear(self) -> None:
-        self._heap = []
+        self._heap, self._due, self._due_since = [], [], None
         self._metas.clear()
 
 

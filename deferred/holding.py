@@ -4,9 +4,9 @@
   A malformed message is logged (what can be read of it) and acked.
 - Release, each turn of the loop:
   1. deliveries older than 90 % of the refresh interval move to the outbox (refresh);
-  2. due entries, then the outbox, are published with confirms in flight (up to a window):
-     a due entry to ``<prefix>.work`` (its queue set declared first), an entry not yet due
-     (a refresh) to ``<prefix>.work.deferred``;
+  2. due entries (most urgent level first, see ``heap``), then the outbox, are published
+     with confirms in flight (up to a window): a due entry to ``<prefix>.work`` (its queue
+     set declared first), an entry not yet due (a refresh) to ``<prefix>.work.deferred``;
   3. confirmed publishes have their original delivery acked; a nack, a return or a missing
      confirm ends the session (``SessionLost``).
 """
@@ -18,7 +18,16 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-from deferred.heap import RUN_AT, TAG, Arrivals, DeferredHeap, Entry, notification
+from deferred.heap import (
+    RANK,
+    RUN_AT,
+    TAG,
+    Arrivals,
+    DeferredHeap,
+    Entry,
+    level_rank,
+    notification,
+)
 from deferred.session import Session
 from tomqueue.config import Config
 from tomqueue.errors import TomQueueError
@@ -48,7 +57,7 @@ class Holding:
         self.topology = Topology.of(config)
         self.window = window
         self.counters = counters
-        self.heap = DeferredHeap()
+        self.heap = DeferredHeap(level_rank(config.priority_map))
         self.outbox: deque[Entry] = deque()
         self.arrivals = Arrivals(refresh_interval / 10)
         self.refresh_age = refresh_interval * 0.9
@@ -187,7 +196,7 @@ class Holding:
         for entry in entries:
             if session.publisher.in_flight >= self.window:
                 self.wait_confirms(session, self.config.publish_timeout)
-            self.send(session, (entry[RUN_AT], 0, *entry[2:]), now, "salvaged")
+            self.send(session, (entry[RUN_AT], entry[RANK], 0, *entry[3:]), now, "salvaged")
         self.wait_confirms(session, self.config.publish_timeout)
         failed = len(session.publisher.take_failures()) + session.publisher.in_flight
         session.publisher.take_confirmed()  # nothing to ack

@@ -49,10 +49,12 @@ from deferred.heap import from_us
 from deferred.holding import Holding, SessionLost
 from deferred.options import DEFAULT_REFRESH, DEFAULT_STATS_INTERVAL, check_refresh, check_stats
 from deferred.options import parse as parse_options
+from deferred.registry import Holdings, ManagerRecord
 from deferred.session import Session
 from tomqueue import metrics
-from tomqueue.config import Config
+from tomqueue.config import Config, default_worker_name
 from tomqueue.errors import BrokerUnavailable, ConfigError, PublishError, TomQueueError
+from tomqueue.logconfig import setup as setup_logging
 
 log = logging.getLogger("deferred")
 
@@ -86,6 +88,9 @@ class Manager:
         self._stop = threading.Event()
         self._signals = 0
         self._next_stats = 0.0
+        self.name = default_worker_name()
+        queue = self.holding.topology.deferred_queue
+        self.record = ManagerRecord(config, self.name, queue, self.holdings)
 
     # --- status (any thread) ------------------------------------------------------------
 
@@ -100,6 +105,9 @@ class Manager:
         us = self.holding.heap.next_due_us()
         return None if us is None else from_us(us)
 
+    def holdings(self) -> Holdings:
+        return Holdings(self.held_count(), self.next_due(), self.counters["published"])
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -109,16 +117,19 @@ class Manager:
         """Serve until stopped; 0 on a requested stop. ``ConfigError`` if it cannot start."""
         self._install_signals()
         log.info(
-            "deferred manager starting: %s, refresh interval %gs",
+            "deferred manager %s starting: %s, refresh interval %gs",
+            self.name,
             self.config.describe(),
             self.refresh_interval,
             extra={"action": "deferred_start"},
         )
+        self.record.start()
         try:
             while not self._stop.is_set():
                 self._session_once()
         finally:
             self._log_stats("deferred_exit")
+            self.record.stop()
         return 0
 
     def _session_once(self) -> None:
@@ -269,15 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"deferred: {exc}", file=sys.stderr)
         return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if options.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
-        )
-        # pika logs every failed connection attempt as errors with tracebacks; the manager
-        # reports them itself, once, with the password-free URL and the retry delay.
-        logging.getLogger("pika").setLevel(logging.WARNING if options.verbose else logging.CRITICAL)
     try:
+        setup_logging(options.log_format, options.log_config, options.verbose)
         config = Config.from_env()
         if options.metrics_port:
             metrics.serve(options.metrics_port)

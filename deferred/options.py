@@ -4,6 +4,8 @@
 | --- | --- | --- |
 | ``--refresh-interval SECONDS`` | ``TOMQUEUE_DEFERRED_REFRESH`` | 600 |
 | ``--stats-interval SECONDS`` | ``TOMQUEUE_DEFERRED_STATS_INTERVAL`` | 30 |
+| ``--log-format text|json`` | ``TOMQUEUE_LOG_FORMAT`` | text |
+| ``--log-config FILE`` | ``TOMQUEUE_LOG_CONFIG`` | — (see ``tomqueue.logconfig``) |
 
 The refresh interval is the longest the manager holds one delivery. RabbitMQ closes a
 channel whose delivery stays unacknowledged past ``consumer_timeout`` (30 min by default),
@@ -20,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tomqueue.errors import ConfigError
+from tomqueue.logconfig import add_options as add_log_options
 
 DEFAULT_REFRESH = 600.0
 DEFAULT_STATS_INTERVAL = 30.0
@@ -35,6 +38,8 @@ class Options:
     stats_interval: float = DEFAULT_STATS_INTERVAL
     verbose: bool = False
     metrics_port: int | None = None
+    log_format: str | None = None  # None: TOMQUEUE_LOG_FORMAT, else text
+    log_config: str | None = None  # None: TOMQUEUE_LOG_CONFIG, if set
 
 
 def check_refresh(value: float, source: str = "refresh_interval") -> float:
@@ -94,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on 127.0.0.1:PORT",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_log_options(p)
     return p
 
 
@@ -109,4 +115,6 @@ def parse(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Options:
         stats = check_stats(args.stats_interval, "--stats-interval")
     else:
         stats = check_stats(_env_seconds(env, STATS_ENV, DEFAULT_STATS_INTERVAL), STATS_ENV)
-    return Options(refresh, stats, bool(args.verbose), args.metrics_port)
+    return Options(
+        refresh, stats, bool(args.verbose), args.metrics_port, args.log_format, args.log_config
+    )

@@ -81,7 +81,7 @@ def reset_database(config: Config) -> None:
     migrate(config, echo=lambda _msg: None)
     with get_engine(config).begin() as conn:
         conn.execute(delete(Job))
-        for table in ("tomqueue_workers", "tomqueue_leases"):  # registry and leases, if any
+        for table in ("tomqueue_workers", "tomqueue_deferred_managers", "tomqueue_leases"):
             if table in Job.metadata.tables:
                 conn.execute(delete(Job.metadata.tables[table]))
 

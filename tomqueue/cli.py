@@ -13,6 +13,8 @@ from types import FrameType
 
 from tomqueue.config import Config
 from tomqueue.errors import TomQueueError
+from tomqueue.logconfig import add_options as add_log_options
+from tomqueue.logconfig import setup as setup_logging
 
 log = logging.getLogger("tomqueue.cli")
 
@@ -21,10 +23,15 @@ def _config() -> Config:
     return Config.from_env()
 
 
+def _say(line: str) -> None:
+    """Progress of long CLI work: shown at once, even through a pipe or a log file."""
+    print(line, flush=True)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from tomqueue.db import migrate
 
-    migrate(_config(), echo=print)
+    migrate(_config(), echo=_say)
     return 0
 
 
@@ -56,7 +63,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
-    argv = [sys.executable, "-m", "tomqueue", "worker", "--threads", str(args.threads)]
+    argv = [sys.executable, "-m", "tomqueue", *_log_argv(args), "worker"]
+    argv += ["--threads", str(args.threads)]
     for module in args.imports:
         argv += ["--import", module]
     for queue in args.queues:
@@ -137,13 +145,23 @@ def _supervise(args: argparse.Namespace) -> int:
 def cmd_deferred(args: argparse.Namespace) -> int:
     from deferred.manager import main as deferred_main
 
-    return int(deferred_main((["-v"] if args.verbose else []) + args.options))
+    return int(deferred_main(_log_argv(args) + args.options))
+
+
+def _log_argv(args: argparse.Namespace) -> list[str]:
+    """The logging options given to this process, for a process it starts."""
+    argv = ["-v"] if args.verbose else []
+    if args.log_format:
+        argv += ["--log-format", args.log_format]
+    if args.log_config:
+        argv += ["--log-config", args.log_config]
+    return argv
 
 
 def cmd_republish(args: argparse.Namespace) -> int:
     from tomqueue.sweeper import republish
 
-    count = republish(_config(), everything=args.all, echo=print)
+    count = republish(_config(), everything=args.all, echo=_say)
     print(f"republished {count} notification(s)")
     return 0
 
@@ -157,18 +175,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tomqueue", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_log_options(p, None)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(func=cmd_migrate)
+    m = sub.add_parser("migrate", help="create or upgrade the schema")
+    m.set_defaults(func=cmd_migrate)
     _worker_parser(sub.add_parser("worker", help="run jobs"))
-    d = sub.add_parser(
-        "deferred", help="run the deferred manager (options: see python -m deferred --help)"
-    )
-    d.add_argument(
-        "options",
-        nargs=argparse.REMAINDER,
-        help="--refresh-interval SECONDS, --stats-interval SECONDS, --metrics-port",
-    )
-    d.set_defaults(func=cmd_deferred)
+    # the deferred manager parses its own options (python -m deferred --help)
+    d = sub.add_parser("deferred", help="run the deferred manager", add_help=False)
+    d.set_defaults(func=cmd_deferred, options=[])
     r = sub.add_parser("republish", help="publish notifications again for due jobs")
     r.add_argument("--all", action="store_true", help="every unfailed, unlocked job")
     r.set_defaults(func=cmd_republish)
@@ -181,6 +195,10 @@ def parser() -> argparse.ArgumentParser:
         help="exit 2 if the oldest ready job waited longer (seconds)",
     )
     s.set_defaults(func=cmd_status)
+    # on each subcommand too (SUPPRESS: not given there keeps the main parser's value), so
+    # both "tomqueue --log-format json worker" and "tomqueue worker --log-format json" work
+    for command in (m, r, s):
+        add_log_options(command, argparse.SUPPRESS)
     return p
 
 
@@ -213,19 +231,20 @@ def _worker_parser(w: argparse.ArgumentParser) -> None:
         default=None,
         help="serve Prometheus metrics on 127.0.0.1:PORT (with -n, PORT+i)",
     )
+    add_log_options(w, argparse.SUPPRESS)
     w.set_defaults(func=cmd_worker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
-        )
-        # tomqueue logs its own clear line for broker trouble; pika's tracebacks add noise
-        logging.getLogger("pika").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if args.command == "deferred":
+        args.options = extra  # everything after "deferred" is the manager's
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command != "deferred":  # the manager sets up its own logging
+            setup_logging(args.log_format, args.log_config, args.verbose)
         return int(args.func(args))
     except TomQueueError as exc:
         print(f"tomqueue {args.command}: {exc}", file=sys.stderr)

@@ -13,29 +13,11 @@ from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    create_engine,
-    event,
-    inspect,
-    literal_column,
-    select,
-)
+from sqlalchemy import Connection, Engine, create_engine, event, literal_column, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.sql.elements import ColumnElement
 
-from tomqueue.config import Config, redact_url
-from tomqueue.errors import DatabaseUnavailable
-from tomqueue.schema import (
-    FILLFACTOR,
-    OBSOLETE_INDEXES,
-    SCHEMA_VERSION,
-    Base,
-    SchemaInfo,
-    schema_info,
-)
+from tomqueue.config import Config
 
 log = logging.getLogger("tomqueue.db")
 
@@ -194,80 +176,14 @@ def db_now(conn: Connection) -> datetime:
 
 
 def migrate(config: Config, echo: Any = None) -> int:
-    """Create or upgrade the schema; idempotent. Returns the schema version."""
-    engine = get_engine(config)
-    say = echo or (lambda msg: log.info(msg))
-    try:
-        with engine.begin() as conn:
-            existing = set(inspect(conn).get_table_names())
-            Base.metadata.create_all(conn)
-            created = sorted({t.name for t in Base.metadata.sorted_tables} - existing)
-            added = _add_missing_columns(conn)
-            indexes = _sync_indexes(conn)
-            row = conn.execute(select(SchemaInfo).where(SchemaInfo.id == 1)).first()
-            now = db_now(conn)
-            if row is None:
-                conn.execute(
-                    schema_info.insert().values(id=1, version=SCHEMA_VERSION, migrated_at=now)
-                )
-            else:
-                conn.execute(
-                    schema_info.update()
-                    .where(SchemaInfo.id == 1)
-                    .values(version=SCHEMA_VERSION, migrated_at=now)
-                )
-    except OperationalError as exc:
-        raise DatabaseUnavailable(
-            f"cannot migrate the database at {redact_url(config.database_url)}: {_first_line(exc)}"
-        ) from None
-    if created:
-        say(f"created tables: {', '.join(created)}")
-    if added:
-        say(f"added columns: {', '.join(added)}")
-    if indexes:
-        say(f"indexes: {', '.join(indexes)}")
-    say(f"schema is at version {SCHEMA_VERSION} on {redact_url(config.database_url)}")
-    return SCHEMA_VERSION
+    """Create or upgrade the schema; idempotent. Returns the schema version. ``echo``
+    (``print`` for the CLI) gets each step before it runs (see ``tomqueue.migration``)."""
+    from tomqueue.migration import migrate as run
+
+    return run(config, echo)
 
 
-def _add_missing_columns(conn: Connection) -> list[str]:
-    """Upgrade older schemas: add columns the models have and the tables lack."""
-    added = []
-    inspector = inspect(conn)
-    for table in Base.metadata.sorted_tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            ddl = column.type.compile(dialect=conn.dialect)
-            default = column.server_default.arg if column.server_default is not None else None  # type: ignore[attr-defined]
-            clause = f" NOT NULL DEFAULT {default}" if default is not None else " NULL"
-            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl}{clause}")
-            added.append(f"{table.name}.{column.name}")
-    return added
-
-
-def _sync_indexes(conn: Connection) -> list[str]:
-    """Upgrade older schemas: create the indexes the models have and the tables lack, drop
-    the ones that are no longer wanted; on PostgreSQL, set the table's fillfactor."""
-    changed = []
-    inspector = inspect(conn)
-    for table in Base.metadata.sorted_tables:
-        present = {ix["name"] for ix in inspector.get_indexes(table.name)}
-        for index in table.indexes:
-            if index.name not in present:
-                index.create(conn)
-                changed.append(f"index {index.name}")
-        for name in OBSOLETE_INDEXES.get(table.name, ()):
-            if name in present:
-                on = f" ON {table.name}" if conn.dialect.name in ("mysql", "mariadb") else ""
-                conn.exec_driver_sql(f"DROP INDEX {name}{on}")
-                changed.append(f"dropped index {name}")
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"ALTER TABLE delayed_jobs SET (fillfactor = {FILLFACTOR})")
-    return changed
-
-
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of a database error, for messages a person reads."""
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__

@@ -9,6 +9,11 @@ started with ``--metrics-port`` serves ``/metrics``.
 - ``tomqueue_deliveries_skipped_total{reason}`` — missing, stale, failed, locked, early, malformed
 - ``tomqueue_deferred_held`` — notifications the deferred manager holds
 - ``tomqueue_reconnects_total{role}`` — broker reconnects
+- ``tomqueue_queue_lag_seconds{queue,level}`` — age of the oldest ready job, set every
+  ``sweep_interval`` by the worker holding the sweeper lease
+- ``tomqueue_sweep_lateness_seconds`` — per job the sweeper republished: now - run_at
+- ``tomqueue_sweep_since_notified_seconds`` — per republished job that had been notified
+  before: now - notified_at
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class _Noop:
 
     def set(self, *_a: Any) -> None: ...
 
+    def clear(self) -> None: ...
+
 
 def _make(kind: str, name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
     if _prom is None:
@@ -71,6 +78,17 @@ WAIT_SECONDS = _make("histogram", "tomqueue_job_wait_seconds", "run_at to lock",
 SKIPPED = _make("counter", "tomqueue_deliveries_skipped", "Deliveries not run", ("reason",))
 DEFERRED_HELD = _make("gauge", "tomqueue_deferred_held", "Held deferred notifications")
 RECONNECTS = _make("counter", "tomqueue_reconnects", "Broker reconnects", ("role",))
+QUEUE_LAG = _make(
+    "gauge", "tomqueue_queue_lag_seconds", "Age of the oldest ready job", ("queue", "level")
+)
+SWEEP_LATENESS = _make(
+    "histogram", "tomqueue_sweep_lateness_seconds", "Republished by the sweeper: now - run_at"
+)
+SWEEP_SINCE_NOTIFIED = _make(
+    "histogram",
+    "tomqueue_sweep_since_notified_seconds",
+    "Republished by the sweeper: now - notified_at",
+)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> bool:

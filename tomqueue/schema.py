@@ -12,8 +12,10 @@ Extra columns:
   ``attempts``); past ``max_crashes`` the job is failed instead of run again.
 
 ``tomqueue_workers`` is the registry of live workers (heartbeats): a lock whose ``locked_by``
-has not been seen for ``lease_timeout`` seconds is expired. ``tomqueue_leases`` holds named
-leases that let several processes take turns at a periodic task (the sweeper).
+has not been seen for ``lease_timeout`` seconds is expired. ``tomqueue_deferred_managers``
+is the same for deferred managers, with what each holds (``tomqueue status`` shows it).
+``tomqueue_leases`` holds named leases that let several processes take turns at a periodic
+task (the sweeper).
 
 Timestamps are naive UTC with microseconds on every database.
 """
@@ -112,6 +114,25 @@ class WorkerRecord(Base):
     current_jobs: Mapped[str] = mapped_column(Text, nullable=False, default="[]")
 
 
+class DeferredManagerRecord(Base):
+    """A running deferred manager: what it holds, refreshed every ``heartbeat_interval``."""
+
+    __tablename__ = "tomqueue_deferred_managers"
+    __table_args__: Any = {"mysql_charset": "utf8mb4"}
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    queue: Mapped[str] = mapped_column(String(255), nullable=False)
+    started_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+    last_seen: Mapped[datetime] = mapped_column(_TIME, nullable=False, index=True)
+    held: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    next_due: Mapped[datetime | None] = mapped_column(_TIME, nullable=True)
+    published: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, default=0, server_default="0"
+    )
+
+
 class Lease(Base):
     """A named lease: who may run a periodic task until when."""
 
@@ -121,6 +142,8 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255), nullable=False)
     expires_at: Mapped[datetime] = mapped_column(_TIME, nullable=False)
+    # JSON: what the holder's last run reported (the sweeper: see tomqueue.sweep_report)
+    report: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class SchemaInfo(Base):
@@ -137,4 +160,5 @@ class SchemaInfo(Base):
 jobs: Table = Job.__table__  # type: ignore[assignment]
 schema_info: Table = SchemaInfo.__table__  # type: ignore[assignment]
 workers: Table = WorkerRecord.__table__  # type: ignore[assignment]
+deferred_managers: Table = DeferredManagerRecord.__table__  # type: ignore[assignment]
 leases: Table = Lease.__table__  # type: ignore[assignment]

@@ -1,6 +1,17 @@
-"""``tomqueue status``: jobs per queue and level from the database, broker queue depths,
-and the age of the oldest ready job. ``--max-age S`` exits 2 when that age passes S seconds
-(Delayed::Job's ``check(max_age)``)."""
+"""``tomqueue status``: what the queues hold and who works on them.
+
+- per queue and priority level (most urgent first): jobs ready, scheduled, running and
+  failed in the database, ready messages in the level's broker queue, and the lag (age of
+  the oldest ready job);
+- the age of the oldest ready job overall: ``--max-age S`` exits 2 when it passes S seconds
+  (Delayed::Job's ``check(max_age)``);
+- the worker registry, and the deferred managers with what each holds and when its next
+  job is due, plus the deferred queue's depth on the broker;
+- the periodic sweeper's last report: when, by whom, how many notifications it
+  republished and how late they were.
+
+``collect`` builds the report (the ``--json`` output); ``tomqueue.status_table`` renders it.
+"""
 
 from __future__ import annotations
 
@@ -10,53 +21,71 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import Connection, case, func, inspect, select
 
-from tomqueue.config import Config
+from tomqueue.config import LEVELS, Config
 from tomqueue.db import db_now, get_engine
 from tomqueue.leases import live_workers_since
-from tomqueue.schema import Job, WorkerRecord
+from tomqueue.schema import DeferredManagerRecord, Job, WorkerRecord
+from tomqueue.sweep_report import last_sweep
+from tomqueue.topology import Topology
 
 STATES = ("ready", "scheduled", "running", "failed")
 
+Counts = dict[tuple[str, str], dict[str, Any]]
+
 
 def collect(config: Config) -> dict[str, Any]:
-    engine = get_engine(config)
-    with engine.connect() as conn:
+    with get_engine(config).connect() as conn:
         now = db_now(conn)
-        state = case(
-            (Job.failed_at.is_not(None), "failed"),
-            (Job.locked_at.is_not(None), "running"),
-            (Job.run_at > now, "scheduled"),
-            else_="ready",
-        )
-        rows = conn.execute(
-            select(
-                Job.queue, Job.priority, state.label("state"), func.count(), func.min(Job.run_at)
-            ).group_by(Job.queue, Job.priority, state)
-        ).all()
+        table = _jobs(conn, config, now)
         workers = _workers(conn, config, now)
-    table: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(STATES, 0))
-    oldest: datetime | None = None
-    for queue, priority, st, count, first_run_at in rows:
-        table[(queue or config.default_queue, config.level_for(priority))][st] += count
-        if st == "ready" and first_run_at is not None:
-            first = (
-                first_run_at
-                if isinstance(first_run_at, datetime)
-                else datetime.fromisoformat(first_run_at)
-            )
-            oldest = first if oldest is None else min(oldest, first)
+        managers = _managers(conn, config, now)
+        sweep = last_sweep(conn, now)
     depths = _depths(config, sorted({q for q, _lv in table}))
+    ages = [r["oldest_ready_age_seconds"] for r in table.values()]
     return {
         "database_time": now.isoformat(),
         "queues": [
-            {"queue": q, "level": lv, **counts, "broker_depth": depths.get((q, lv))}
-            for (q, lv), counts in sorted(table.items())
+            {"queue": q, "level": lv, **row, "broker_depth": depths.get((q, lv))}
+            for (q, lv), row in sorted(table.items(), key=_urgency)
         ],
-        "oldest_ready_age_seconds": (now - oldest).total_seconds() if oldest else 0.0,
+        "oldest_ready_age_seconds": max((a for a in ages if a is not None), default=0.0),
         "workers": workers,
+        "deferred": _deferred(config, managers),
+        "deferred_managers": managers,
+        "last_sweep": sweep,
     }
+
+
+def _urgency(item: tuple[tuple[str, str], Any]) -> tuple[str, int]:
+    (queue, level), _row = item
+    return queue, LEVELS.index(level)
+
+
+def _jobs(conn: Connection, config: Config, now: datetime) -> Counts:
+    state = case(
+        (Job.failed_at.is_not(None), "failed"),
+        (Job.locked_at.is_not(None), "running"),
+        (Job.run_at > now, "scheduled"),
+        else_="ready",
+    )
+    rows = conn.execute(
+        select(
+            Job.queue, Job.priority, state.label("state"), func.count(), func.min(Job.run_at)
+        ).group_by(Job.queue, Job.priority, state)
+    ).all()
+    table: Counts = defaultdict(lambda: {**dict.fromkeys(STATES, 0), "oldest": None})
+    for queue, priority, st, count, first_run_at in rows:
+        row = table[(queue or config.default_queue, config.level_for(priority))]
+        row[st] += count
+        if st == "ready" and first_run_at is not None:
+            first = _as_datetime(first_run_at)
+            row["oldest"] = first if row["oldest"] is None else min(row["oldest"], first)
+    for row in table.values():
+        oldest = row.pop("oldest")
+        row["oldest_ready_age_seconds"] = (now - oldest).total_seconds() if oldest else None
+    return table
 
 
 def _workers(conn: Connection, config: Config, now: datetime) -> list[dict[str, Any]]:
@@ -77,6 +106,65 @@ def _workers(conn: Connection, config: Config, now: datetime) -> list[dict[str, 
     ]
 
 
+def _managers(conn: Connection, config: Config, now: datetime) -> list[dict[str, Any]]:
+    """The deferred managers' registry (empty on a schema that predates it)."""
+    table = DeferredManagerRecord.__table__
+    if not inspect(conn).has_table(table.name):  # type: ignore[attr-defined]
+        return []
+    rows = conn.execute(select(table).order_by(DeferredManagerRecord.name)).all()
+    alive_since = live_workers_since(now, config)
+    return [
+        {
+            "name": m.name,
+            "host": m.host,
+            "pid": m.pid,
+            "queue": m.queue,
+            "started_at": _as_datetime(m.started_at).isoformat(),
+            "last_seen_seconds_ago": round((now - _as_datetime(m.last_seen)).total_seconds(), 1),
+            "alive": _as_datetime(m.last_seen) >= alive_since,
+            "held": m.held,
+            "next_due": _as_datetime(m.next_due).isoformat() if m.next_due else None,
+            "next_due_in_seconds": (
+                round((_as_datetime(m.next_due) - now).total_seconds(), 3) if m.next_due else None
+            ),
+            "published": m.published,
+        }
+        for m in rows
+    ]
+
+
+def _deferred(config: Config, managers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The deferred queue: ready messages and consumers on the broker (None without one),
+    and what the live managers of this prefix say they hold."""
+    name = Topology.of(config).deferred_queue
+    mine = [m for m in managers if m["alive"] and m["queue"] == name]
+    ready, consumers = _queue_state(config, name) if config.uses_broker else (None, None)
+    return {
+        "queue": name,
+        "broker_ready": ready,
+        "broker_consumers": consumers,
+        "held": sum(m["held"] for m in mine),
+        "managers": len(mine),
+    }
+
+
+def _queue_state(config: Config, name: str) -> tuple[int, int]:
+    """(ready messages, consumers) of a broker queue; (0, 0) if it does not exist."""
+    from pika.exceptions import ChannelClosedByBroker
+
+    from tomqueue.transport.amqp import connect
+
+    connection = connect(config, "inspect")
+    try:
+        ok = connection.channel().queue_declare(name, passive=True)
+        return int(ok.method.message_count), int(ok.method.consumer_count)
+    except ChannelClosedByBroker:  # 404: not declared yet
+        return 0, 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
 def _depths(config: Config, queues: list[str]) -> dict[tuple[str, str], int]:
     if not config.uses_broker or not queues:
         return {}
@@ -86,31 +174,13 @@ def _depths(config: Config, queues: list[str]) -> dict[tuple[str, str], int]:
     return {(q or config.default_queue, lv): n for (q, lv), n in found.items()}
 
 
-def render(report: dict[str, Any]) -> str:
-    header = (
-        f"{'queue':<20} {'level':<7} " + " ".join(f"{s:>9}" for s in STATES) + f" {'broker':>7}"
-    )
-    lines = [header, "-" * len(header)]
-    for row in report["queues"]:
-        depth = "-" if row["broker_depth"] is None else str(row["broker_depth"])
-        lines.append(
-            f"{row['queue']:<20} {row['level']:<7} "
-            + " ".join(f"{row[s]:>9}" for s in STATES)
-            + f" {depth:>7}"
-        )
-    lines.append(f"oldest ready job waited {report['oldest_ready_age_seconds']:.1f} s")
-    lines.append("")
-    lines.append(f"{'worker':<40} {'queues':<20} {'seen':>6}  jobs")
-    for w in report["workers"]:
-        state = f"{w['last_seen_seconds_ago']:.0f}s" + ("" if w["alive"] else " DEAD")
-        jobs = ",".join(str(j) for j in w["current_jobs"]) or "-"
-        lines.append(f"{w['name']:<40} {w['queues']:<20} {state:>6}  {jobs}")
-    if not report["workers"]:
-        lines.append("(no workers registered)")
-    return "\n".join(lines)
+def _as_datetime(value: datetime | str) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
 
 
 def main(args: argparse.Namespace) -> int:
+    from tomqueue.status_table import render
+
     report = collect(Config.from_env())
     print(json.dumps(report, indent=2) if args.json else render(report))
     if args.max_age is not None and report["oldest_ready_age_seconds"] > args.max_age:

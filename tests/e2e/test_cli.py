@@ -97,3 +97,16 @@ def test_unreachable_broker_log_has_no_traceback(
 ) -> None:
     log = unreachable_broker_log(stack, tmp_path, worker_processes)
     assert "Traceback" not in log
+
+
+@on_stacks(("sqlite", "amqp"))
+def test_tomqueue_deferred_passes_its_options_to_the_manager(stack: Stack) -> None:
+    """``tomqueue deferred --metrics-port 9101`` (the README's) reaches the manager's own
+    parser: options after ``deferred`` are its, ``--help`` included."""
+    env = worker_env(stack.config)
+    bad = run_cli("deferred", "--stats-interval", "0", env=env)
+    assert bad.returncode == 2
+    assert "--stats-interval must be > 0 seconds" in bad.stderr, bad.stderr
+    helped = run_cli("deferred", "--help", env=env)
+    assert helped.returncode == 0 and "--refresh-interval SECONDS" in helped.stdout
+    assert "unrecognized arguments: --bogus" in run_cli("status", "--bogus", env=env).stderr

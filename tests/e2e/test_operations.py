@@ -187,3 +187,74 @@ def test_worker_and_deferred_metrics_count_what_ran(
         manager.terminate()
         assert worker.wait(30) == 0
         assert manager.wait(30) == 0
+
+
+def _scrape_or_empty(port: int) -> dict[str, float]:
+    try:
+        return _scrape(port)
+    except OSError:  # not serving yet
+        return {}
+
+
+def test_deferred_reconnects_counter_counts_closed_connections(
+    pg_amqp: Config, ledger_path: str, tmp_path: Path
+) -> None:
+    """The broker closes the manager's connection (by its name, as an operator would in the
+    management UI): ``tomqueue_reconnects_total{role="deferred"}`` counts each, and the
+    held gauge comes back to what is held, not doubled."""
+    from tests.e2e.faults.broker import close_connections
+
+    port = free_port()
+    reconnects = 'tomqueue_reconnects_total{role="deferred"}'
+    for i in range(3):
+        enqueue(Record(ledger_path, f"later{i}"), run_at=timedelta(minutes=10))
+    with open(tmp_path / "deferred.log", "wb") as log:
+        manager = subprocess.Popen(
+            [sys.executable, "-m", "tomqueue", "deferred", "--metrics-port", str(port)],
+            cwd=REPO_ROOT,
+            env=worker_env(pg_amqp),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        held = "tomqueue_deferred_held"
+        ledger.wait_for(lambda: _scrape_or_empty(port).get(held) == 3, 30, 0.2, "3 held")
+        assert _scrape(port).get(reconnects, 0) == 0
+        for n in (1, 2):
+            ledger.wait_for(
+                lambda: close_connections([manager.pid], roles=("deferred",)) == 1,
+                10,
+                0.5,
+                "the manager's connection to close",
+            )
+            ledger.wait_for(
+                lambda n=n: _scrape(port).get(reconnects) == n, 30, 0.2, f"{n} reconnect(s)"
+            )
+            ledger.wait_for(lambda: _scrape(port).get(held) == 3, 30, 0.2, "3 held again")
+    finally:
+        manager.terminate()
+        assert manager.wait(30) == 0
+    assert (tmp_path / "deferred.log").read_text().count("reconnecting") == 2
+
+
+def test_the_sweeping_worker_reports_queue_lag(
+    pg_amqp: Config, ledger_path: str, tmp_path: Path
+) -> None:
+    """A job in a queue no worker consumes waits; the worker holding the sweeper lease
+    reports its age as ``tomqueue_queue_lag_seconds``."""
+    port = free_port()
+    enqueue(Record(ledger_path, "waiting"), queue="mail", priority=-1)
+    worker = WorkerProcess(
+        ["--import", "tests.jobs", "--metrics-port", str(port)],
+        worker_env(pg_amqp, TOMQUEUE_SWEEP_INTERVAL="0.5"),
+        tmp_path / "worker.log",
+    )
+    lag = 'tomqueue_queue_lag_seconds{level="high",queue="mail"}'
+    try:
+        ledger.wait_for(lambda: _scrape_or_empty(port).get(lag, 0) > 0, 30, 0.2, "a lag")
+        first = _scrape(port)[lag]
+        ledger.wait_for(lambda: _scrape(port)[lag] >= first + 1, 10, 0.2, "the lag to grow")
+    finally:
+        worker.send()
+        assert worker.wait(30) == 0
