@@ -420,6 +420,153 @@ def test_whole_broker_faults_during_a_2000_job_run(
     assert_settled(c.config, timeout=30)
 
 
+# --- 5b. the broker blocks publishers (disk alarm) during a run -------------------------------
+
+BLOCKED_PUBLISH_TIMEOUT = 3.0  # the enqueuing process's publish_timeout in this scenario
+BLOCKED_ENQUEUE_BOUND = BLOCKED_PUBLISH_TIMEOUT + 2.0
+
+
+def broker_alarms(node: brokerctl.PrivateBroker) -> str:
+    return node.ctl("eval", "rabbit_alarm:get_alarms().")
+
+
+class TimedEnqueues(threading.Thread):
+    """Enqueues ``markers`` one after the other, timing each call."""
+
+    def __init__(self, cluster: Cluster, ledger: str, markers: list[str], **config: object):
+        super().__init__(name="timed-enqueues", daemon=True)
+        self.config = cluster.config.replace(**config)
+        self.ledger, self.markers = ledger, markers
+        self.took: list[float] = []
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        for marker in self.markers:
+            started = time.monotonic()
+            try:
+                Delayed.enqueue(LedgerJob(self.ledger, marker), config=self.config)
+            except BaseException as exc:  # reported by the test
+                self.errors.append(exc)
+            self.took.append(time.monotonic() - started)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "library bug: an enqueue on a blocked broker (disk alarm) takes ~60 s whatever "
+        "publish_timeout says: AmqpPublisher.publish waits for the confirm until pika's "
+        "blocked_connection_timeout (30 s, connect()) closes the connection, then retries "
+        "once on a new connection that is blocked again (another 30 s); every later "
+        "enqueue does the same"
+    ),
+)
+def test_broker_disk_alarm_blocks_publishers_during_a_run(
+    clusters: MakeCluster, private_broker: brokerctl.PrivateBroker, ledger_path: str
+) -> None:
+    """``rabbitmqctl set_disk_free_limit 100000GB`` on a private node while 2 workers drain
+    200 jobs: the workers (whose connections do not publish) go on; three enqueues made
+    during the alarm each return within ``publish_timeout`` + 2 s with the row committed
+    (the sweeper delivers the notification later); after ``set_disk_free_limit 50MB``
+    every job runs exactly once and nothing is left behind."""
+    c = clusters("postgresql", amqp_url=private_broker.url)
+    workers = c.workers(2, "--threads", "4")
+    backlog = [f"a{i}" for i in range(200)]
+    enqueue_many(c, ledger_path, backlog, seconds=0.1)  # about 2.5 s of work
+    blocked = TimedEnqueues(
+        c, ledger_path, ["b0", "b1", "b2"], publish_timeout=BLOCKED_PUBLISH_TIMEOUT
+    )
+    private_broker.ctl("set_disk_free_limit", "100000GB")
+    try:
+        wait_until(lambda: "disk" in broker_alarms(private_broker), 15, "the disk alarm")
+        alarmed = time.time()
+        blocked.start()
+        wait_completed(ledger_path, backlog, 30, c)  # the workers go on meanwhile
+        assert not fault_jobs.started(ledger_path) & {"b0", "b1", "b2"}, "published anyway?"
+        handlers = [r.handler for r in rows(c.config)]
+        assert any('"b0"' in h for h in handlers), "the first blocked enqueue's row is committed"
+        blocked.join(len(blocked.markers) * BLOCKED_ENQUEUE_BOUND + 2.0)
+        returned = list(blocked.took)
+    finally:
+        private_broker.ctl("set_disk_free_limit", "50MB")
+        cleared = time.time()
+    wait_until(lambda: "disk" not in broker_alarms(private_broker), 15, "the alarm to clear")
+    blocked.join(15)  # calls still blocked when the alarm cleared finish now
+    assert not blocked.is_alive(), "an enqueue still hangs after the alarm cleared"
+    assert not blocked.errors, blocked.errors
+    wait_completed(ledger_path, backlog + blocked.markers, SWEEP + 15.0, c)
+
+    late = max(r.start for r in fault_jobs.runs(ledger_path) if r.marker[0] == "b") - cleared
+    print(
+        f"\ndisk alarm for {cleared - alarmed:.1f}s: enqueues returned after "
+        f"{[round(t, 1) for t in blocked.took]}s ({len(returned)} within the alarm); "
+        f"their jobs ran at most {late:.1f}s after it cleared"
+    )
+    fault_jobs.check(ledger_path, backlog + blocked.markers).assert_ok()
+    for worker in workers:
+        assert worker.alive(), worker.log()[-3000:]
+    assert_settled(c.config)
+    assert len(returned) == len(blocked.markers), (
+        f"only {len(returned)} of {len(blocked.markers)} enqueues returned while the broker "
+        f"blocked publishers ({len(blocked.markers) * BLOCKED_ENQUEUE_BOUND + 2.0:g}s)"
+    )
+    assert max(returned) <= BLOCKED_ENQUEUE_BOUND, f"blocked enqueues took {returned}"
+
+
+# --- 5c. the broker closes a worker's consuming channel (not its connection) -----------------
+
+FAST_CONSUMER_TIMEOUT = "[{rabbit,[{consumer_timeout,5000},{channel_tick_interval,1000}]}].\n"
+
+
+@pytest.fixture(scope="module")
+def timeout_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[brokerctl.PrivateBroker]:
+    """A private node whose consumer_timeout is 5 s (checked every second)."""
+    node = brokerctl.PrivateBroker(
+        tmp_path_factory.mktemp("rabbit-timeout"), FAST_CONSUMER_TIMEOUT, "tqtimeout"
+    )
+    try:
+        node.start()
+        assert "{ok,5000}" in node.ctl("eval", "application:get_env(rabbit, consumer_timeout).")
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "library bug: the worker does not notice that the broker closed its consuming "
+        "channel (406 PRECONDITION_FAILED, consumer_timeout) while its connection stays "
+        "open: AmqpConsumer.poll() only checks for consumer cancels, pika raises nothing "
+        "from process_data_events for a closed channel, so the worker stops receiving "
+        "deliveries and never reconnects; new jobs wait in the queue (the sweeper sees a "
+        "backlog, not a loss) until the worker is restarted"
+    ),
+)
+def test_worker_consuming_channel_closed_by_the_broker_keeps_working(
+    clusters: MakeCluster, timeout_broker: brokerctl.PrivateBroker, ledger_path: str
+) -> None:
+    """A job holds its delivery past the node's 5 s consumer_timeout (the worker's
+    ``delivery_hold_limit`` is 600 s, so it does not ack early): the broker closes the
+    worker's consuming channel with 406. The job still completes once, and the same
+    worker process runs the jobs enqueued afterwards."""
+    c = clusters("postgresql", amqp_url=timeout_broker.url, TOMQUEUE_DELIVERY_HOLD_LIMIT="600")
+    worker = c.worker("--threads", "2")
+    closed_before = timeout_broker.timeouts_logged()
+    enqueue(c, ledger_path, "long", seconds=8.0)
+    wait_until(
+        lambda: timeout_broker.timeouts_logged() > closed_before,
+        15,
+        "the broker to close the worker's channel (consumer_timeout)",
+    )
+    wait_completed(ledger_path, ["long"], 10, c)
+    after = [f"after{i}" for i in range(20)]
+    enqueue_many(c, ledger_path, after)
+    wait_completed(ledger_path, after, 15, c)
+    fault_jobs.check(ledger_path, ["long", *after]).assert_ok()
+    assert worker.alive() and {r.pid for r in fault_jobs.runs(ledger_path)} == {worker.pid}
+    assert_settled(c.config)
+
+
 # --- 6. database sessions killed; PostgreSQL restarted ----------------------------------------
 
 
