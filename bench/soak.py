@@ -72,6 +72,7 @@ class Soak:
         self.due: dict[str, float] = {}  # marker -> unix time it became due
         self.faults: list[tuple[float, str]] = []
         self.errors: list[str] = []
+        self.refused_at: list[float] = []  # when an enqueue raised
         self.stop = threading.Event()
         self.counter = itertools.count()
         self.rng = random.Random(args.seed)
@@ -148,6 +149,7 @@ class Soak:
                 )
             except Exception as exc:  # a committed job whose enqueue raised is still due
                 first = str(exc).splitlines()[0] if str(exc) else ""
+                self.refused_at.append(time.time())
                 self.errors.append(
                     f"enqueue {marker} (not committed): {type(exc).__name__}: {first}"
                 )
@@ -360,6 +362,11 @@ class Soak:
             print(
                 f"    job {r.id} locked_by={r.locked_by} failed_at={r.failed_at} run_at={r.run_at}"
             )
+        if self.refused_at:
+            after: dict[str, int] = defaultdict(int)
+            for when in self.refused_at:
+                after[self._fault_before(when).split(" at ")[0]] += 1
+            print(f"  enqueues that raised: {len(self.refused_at)}, after: {dict(after)}")
         if self.errors:
             print(f"  errors:      {len(self.errors)} (the first 10 follow)")
         for error in self.errors[:10]:
