@@ -1,6 +1,6 @@
 """Private database servers for fault tests: a PostgreSQL cluster and a MariaDB server of
 the test's own (temporary data directory, private port below the ephemeral range, unix
-socket in the data directory), so a test can restart or crash a whole server without
+socket in that directory), so a test can restart or crash a whole server without
 touching the shared ones.
 
 Both are started as children of the test process (so they are stopped and reaped by PID;
@@ -78,6 +78,23 @@ class Server:
     def as_user(self) -> dict[str, Any]:
         """Popen arguments that run a tool as the server's OS user (root: none)."""
         return {}
+
+    def run_tool(self, argv: list[str], timeout: float = 60) -> None:
+        """Run one of the server's tools as its OS user; fail with its output."""
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, **self.as_user()
+        )
+        if result.returncode != 0:
+            output = result.stdout[-1500:] + result.stderr[-1500:]
+            raise AssertionError(f"{' '.join(argv[:2])} failed: {output}")
+
+    def initialize(self, argv: list[str]) -> None:
+        """Create the data directory with ``argv``; nothing is left behind if it fails."""
+        try:
+            self.run_tool(argv, timeout=120)
+        except BaseException:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
 
     @property
     def pid(self) -> int:
@@ -160,35 +177,17 @@ class PrivatePostgres(Server):
         super().__init__()
         shutil.chown(self.base, "postgres", "postgres")
         self.data = self.base / "data"
-        self.log.touch()
-        shutil.chown(self.log, "postgres", "postgres")
-        self._as_postgres(
+        self.initialize(
             [
                 str(PG_BIN / "initdb"),
-                "-D",
-                str(self.data),
-                "-U",
-                "postgres",
+                f"--pgdata={self.data}",
+                "--username=postgres",
                 "--auth=trust",
                 "--no-sync",
-                "-E",
-                "UTF8",
+                "--encoding=UTF8",
                 "--locale=C",
-            ],
-            timeout=120,
+            ]
         )
-
-    def _as_postgres(self, argv: list[str], timeout: float) -> None:
-        result = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            **self.as_user(),
-        )
-        if result.returncode != 0:
-            output = result.stdout[-1500:] + result.stderr[-1500:]
-            raise AssertionError(f"{argv[0]} failed: {output}")
 
     def as_user(self) -> dict[str, Any]:
         return {"user": "postgres", "group": "postgres", "extra_groups": [], "cwd": self.base}
@@ -217,7 +216,7 @@ class PrivatePostgres(Server):
     def stop(self, mode: str, timeout: float = 60) -> None:
         """``pg_ctl stop -m fast|immediate`` (immediate: no shutdown checkpoint, crash
         recovery at the next start); ``start()`` starts it again."""
-        self._as_postgres(
+        self.run_tool(
             [str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode, "-w", "-t", "30"],
             timeout=timeout,
         )
@@ -236,7 +235,7 @@ class PrivateMariaDB(Server):
         super().__init__()
         self.data = self.base / "data"
         self.socket = self.base / "mariadb.sock"
-        result = subprocess.run(
+        self.initialize(
             [
                 "mariadb-install-db",
                 "--no-defaults",
@@ -244,13 +243,8 @@ class PrivateMariaDB(Server):
                 "--user=root",
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
+            ]
         )
-        if result.returncode != 0:
-            raise AssertionError(f"mariadb-install-db failed: {result.stderr[-3000:]}")
 
     def argv(self) -> list[str]:
         return [
@@ -281,11 +275,8 @@ class PrivateMariaDB(Server):
 
     def shutdown(self, timeout: float = 60) -> None:
         """``mariadb-admin shutdown`` (a clean stop; the process exits when it is done)."""
-        result = subprocess.run(
+        self.run_tool(
             ["mariadb-admin", "--no-defaults", f"--socket={self.socket}", "-u", "root", "shutdown"],
-            capture_output=True,
-            text=True,
             timeout=timeout,
         )
-        assert result.returncode == 0, f"mariadb-admin shutdown failed: {result.stderr}"
         self.wait_exit(timeout)
