@@ -42,7 +42,9 @@ def job_row(config: tomqueue.Config, job_id: int) -> Job | None:
 
 
 @on_stacks(*STACKS)
-def test_registry_row_tracks_the_worker_and_its_running_job(stack: Stack, ledger_path: str) -> None:
+def test_registry_row_tracks_the_worker_and_its_running_job(
+    stack: Stack, ledger_path: str
+) -> None:
     config = stack.config.replace(heartbeat_interval=0.3, lease_timeout=3.0)
     tomqueue.configure(config)
     job = tomqueue.enqueue(Sleepy(ledger_path, "busy", 2.0), queue="mail")
@@ -67,7 +69,9 @@ def test_registry_row_tracks_the_worker_and_its_running_job(stack: Stack, ledger
             "last_seen to advance",
         )
         wait_until(lambda: ledger.counts(ledger_path)["busy"], 10, "the job to finish")
-        wait_until(lambda: registry(config)[0]["current_jobs"] == "[]", 5, "current_jobs to empty")
+        wait_until(
+            lambda: registry(config)[0]["current_jobs"] == "[]", 5, "current_jobs to empty"
+        )
     finally:
         worker.stop()
         assert worker.join(20) == 0
