@@ -1,7 +1,8 @@
 """Soak: sustained load with the faults of the fault suite injected on a schedule.
 
-    python -m bench.soak --minutes 10 [--database postgresql|mysql] [--rate 40]
-                         [--workers 3] [--threads 4] [--fault-every 15] [--workdir DIR]
+    python -m bench.soak --minutes 10 [--database postgresql|mysql] [--private-db]
+                         [--rate 40] [--workers 3] [--threads 4] [--fault-every 15]
+                         [--workdir DIR]
 
 Not run in CI. Starts a private RabbitMQ node (so whole-node faults touch nobody else), a
 deferred manager, ``--workers`` plain workers, one worker behind a TCP proxy to the
@@ -11,8 +12,12 @@ per second (mostly short, some of 1-3 s, some 1-10 s in the future) while a sche
 injects, in turn: kill -9 of a worker, TERM of a worker, broker connections closed by name,
 broker ``stop_app``/``start_app``, every database session killed, kill -9 of the deferred
 manager, database partition (blackhole) and resets, broker partition, publish failures
-after commit (a failpoint in an enqueuing process). Killed and stopped processes are
-restarted.
+after commit (a failpoint in an enqueuing process), a 5 s disk alarm on the broker
+(publishers blocked). Killed and stopped processes are restarted. With ``--private-db`` the
+database is a private server of the soak's own (``tests/e2e/faults/dbservers.py``) and the
+faults include its restart, alternating a clean stop (PostgreSQL ``pg_ctl stop -m fast``,
+MariaDB ``mariadb-admin shutdown``) and a crash (``-m immediate``, kill -9) with 1.5 s of
+outage.
 
 At the end it waits for the backlog to drain (bounded), then prints from the run ledger:
 jobs done, lost (never completed), duplicated (completed twice), re-run (started again
@@ -22,6 +27,7 @@ left in ``delayed_jobs``. Exit status 1 if anything was lost or overlapped.
 
 The database is ``TOMQUEUE_SOAK_DATABASE_URL`` or else the test database
 (``TOMQUEUE_TEST_POSTGRES_URL`` / ``TOMQUEUE_TEST_MYSQL_URL``); its jobs table is emptied.
+``--private-db`` uses neither.
 """
 
 from __future__ import annotations
@@ -45,12 +51,12 @@ from sqlalchemy.engine import make_url
 
 from tests import fault_jobs
 from tests.conftest import delete_broker_objects, make_config, reset_database
-from tests.e2e.faults import dbctl
+from tests.e2e.faults import dbctl, dbservers
 from tests.e2e.faults.broker import PrivateBroker
 from tests.e2e.faults.cluster import Cluster, Proc, rows
 from tests.e2e.faults.proxy import TcpProxy
 from tomqueue import Delayed
-from tomqueue.db import dispose_engines
+from tomqueue.db import dispose_engines, get_engine
 from tomqueue.transport import close_publishers
 
 RECOVERY_WINDOW = 2.0  # a job due this soon after a fault counts towards its recovery
@@ -66,10 +72,14 @@ class Soak:
         self.due: dict[str, float] = {}  # marker -> unix time it became due
         self.faults: list[tuple[float, str]] = []
         self.errors: list[str] = []
+        self.refused_at: list[float] = []  # when an enqueue raised
         self.stop = threading.Event()
         self.counter = itertools.count()
         self.rng = random.Random(args.seed)
         self.lock = threading.Lock()
+        self.db_server: dbservers.Server | None = None
+        self.faults_cycle = self.FAULTS + (("db_restart",) if args.private_db else ())
+        self.db_restarts = 0
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -77,6 +87,16 @@ class Soak:
         print(f"soak: work directory {self.work}", flush=True)
         self.broker.start()
         url = os.environ.get("TOMQUEUE_SOAK_DATABASE_URL")
+        if self.args.private_db:
+            server_class = (
+                dbservers.PrivatePostgres
+                if self.args.database == "postgresql"
+                else dbservers.PrivateMariaDB
+            )
+            self.db_server = server_class()
+            self.db_server.start()
+            self.db_server.create_database()
+            url = self.db_server.url()
         config = make_config(self.args.database, "amqp", self.work, amqp_url=self.broker.url)
         if url:
             config = config.replace(database_url=url)
@@ -129,6 +149,7 @@ class Soak:
                 )
             except Exception as exc:  # a committed job whose enqueue raised is still due
                 first = str(exc).splitlines()[0] if str(exc) else ""
+                self.refused_at.append(time.time())
                 self.errors.append(
                     f"enqueue {marker} (not committed): {type(exc).__name__}: {first}"
                 )
@@ -184,6 +205,31 @@ class Soak:
     def broker_blackhole(self) -> None:
         self._proxy_fault(self.amqp_proxy, "blackhole", 8.0)
 
+    def broker_disk_alarm(self) -> None:
+        self.broker.ctl("set_disk_free_limit", "100000GB")
+        try:
+            self.stop.wait(5.0)
+        finally:
+            self.broker.ctl("set_disk_free_limit", "50MB")
+
+    def db_restart(self) -> None:
+        """Alternately a clean stop and a crash with 1.5 s of outage, then a start."""
+        server = self.db_server
+        assert server is not None
+        crash = self.db_restarts % 2 == 1
+        self.db_restarts += 1
+        if isinstance(server, dbservers.PrivatePostgres):
+            server.stop("immediate" if crash else "fast")
+        elif crash:
+            server.kill9()
+        else:
+            assert isinstance(server, dbservers.PrivateMariaDB)
+            server.shutdown()
+        if crash:
+            self.stop.wait(1.5)
+        server.start()
+        get_engine(self.config).dispose()  # the soak's own pool: every connection is dead
+
     def publish_failure(self) -> None:
         prefix = f"pf{next(self.counter)}-"
         proc = Proc(
@@ -216,10 +262,11 @@ class Soak:
         "publish_failure",
         "db_reset",
         "broker_blackhole",
+        "broker_disk_alarm",
     )
 
     def inject(self) -> None:
-        for name in itertools.cycle(self.FAULTS):
+        for name in itertools.cycle(self.faults_cycle):
             if self.stop.wait(self.args.fault_every):
                 return
             at = time.time()
@@ -289,6 +336,12 @@ class Soak:
         print(f"  done:        {result.done}")
         print(f"  lost:        {len(result.lost)} {result.lost[:10] if result.lost else ''}")
         print(f"  duplicated:  {len(result.duplicated)} (completed more than once)")
+        for marker in list(result.duplicated)[:10]:
+            first, again = [r for r in result.runs if r.marker == marker and r.status == "ok"][:2]
+            print(
+                f"    {marker}: ok in pid {first.pid} at {_clock(first.end)}, again in pid "
+                f"{again.pid} at {_clock(again.start)}, after {self._fault_before(again.start)}"
+            )
         print(f"  re-run:      {reruns} (started again after a lost lock)")
         print(f"  overlapping: {len(result.overlapping)}")
         for a, b in result.overlapping[:5]:
@@ -309,9 +362,20 @@ class Soak:
             print(
                 f"    job {r.id} locked_by={r.locked_by} failed_at={r.failed_at} run_at={r.run_at}"
             )
+        if self.refused_at:
+            after: dict[str, int] = defaultdict(int)
+            for when in self.refused_at:
+                after[self._fault_before(when).split(" at ")[0]] += 1
+            print(f"  enqueues that raised: {len(self.refused_at)}, after: {dict(after)}")
+        if self.errors:
+            print(f"  errors:      {len(self.errors)} (the first 10 follow)")
         for error in self.errors[:10]:
             print(f"  error: {error}")
         return 1 if result.lost or result.overlapping else 0
+
+    def _fault_before(self, when: float) -> str:
+        before = [(at, name) for at, name in self.faults if at <= when]
+        return f"{before[-1][1]} at {_clock(before[-1][0])}" if before else "no fault"
 
     def close(self) -> None:
         self.stop.set()
@@ -325,6 +389,14 @@ class Soak:
             delete_broker_objects(self.config)
         self.broker.stop()
         dispose_engines()
+        if self.db_server is not None:
+            self.db_server.close()
+
+
+def _clock(when: float | None) -> str:
+    if when is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
 
 
 def _default_port(url) -> int:  # type: ignore[no-untyped-def]
@@ -335,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--database", choices=("postgresql", "mysql"), default="postgresql")
+    p.add_argument(
+        "--private-db",
+        action="store_true",
+        help="a private database server of the soak's own, restarted and crashed among the faults",
+    )
     p.add_argument("--rate", type=float, default=40.0, help="jobs enqueued per second")
     p.add_argument("--workers", type=int, default=3, help="plain workers (plus 2 proxied)")
     p.add_argument("--threads", type=int, default=4)

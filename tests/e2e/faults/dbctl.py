@@ -1,13 +1,11 @@
 """Database control for fault tests: kill the sessions of the test's own database (never
-another one), hold a row lock, restart PostgreSQL (slow tests only: it hits everyone)."""
+another one), hold a row lock. Restarts and crashes of a whole server go to a private one
+(``dbservers.py``), never to the shared servers."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import psutil
 from sqlalchemy import Connection, create_engine, text
@@ -147,34 +145,3 @@ def row_lock(config: Config, table: str, row_id: int) -> Iterator[Connection]:
     finally:
         lock_engine.dispose()
         engine.dispose()
-
-
-def postgres_cluster_version() -> str:
-    versions = sorted(p.name for p in Path("/etc/postgresql").iterdir() if p.name[:1].isdigit())
-    assert versions, "no PostgreSQL cluster under /etc/postgresql"
-    return versions[-1]
-
-
-def restart_postgres(mode: str = "fast", timeout: float = 60) -> float:
-    """Restart the local PostgreSQL cluster; returns how long it took (seconds).
-    Every session on the server is cut: slow tests only, run rarely."""
-    started = time.monotonic()
-    subprocess.run(
-        [
-            "pg_ctlcluster",
-            "--skip-systemctl-redirect",
-            postgres_cluster_version(),
-            "main",
-            "restart",
-            "-m",
-            mode,
-        ],
-        check=True,
-        capture_output=True,
-        timeout=timeout,
-    )
-    deadline = time.monotonic() + timeout
-    while subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode != 0:
-        assert time.monotonic() < deadline, "PostgreSQL did not come back"
-        time.sleep(0.1)
-    return time.monotonic() - started
