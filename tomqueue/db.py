@@ -22,7 +22,7 @@ from tomqueue.schema import SCHEMA_VERSION, Base, SchemaInfo, schema_info
 
 log = logging.getLogger("tomqueue.db")
 
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, bool], Engine] = {}
 _engines_lock = threading.Lock()
 
 
@@ -33,10 +33,22 @@ def utcnow() -> datetime:
 
 def get_engine(config: Config) -> Engine:
     """The process-wide engine for ``config.database_url`` (created once)."""
+    return _engine(config.database_url, autocommit=False)
+
+
+def get_autocommit_engine(config: Config) -> Engine:
+    """A second process-wide engine for the same database whose connections are always in
+    autocommit mode, for single statements that need no transaction (``enqueue`` outside a
+    caller's transaction: one round trip instead of BEGIN, INSERT, COMMIT). Its pool does
+    not roll back on check-in: an autocommit connection has nothing to roll back."""
+    return _engine(config.database_url, autocommit=True)
+
+
+def _engine(url: str, autocommit: bool) -> Engine:
     with _engines_lock:
-        engine = _engines.get(config.database_url)
+        engine = _engines.get((url, autocommit))
         if engine is None:
-            engine = _engines[config.database_url] = make_engine(config.database_url)
+            engine = _engines[(url, autocommit)] = make_engine(url, autocommit)
         return engine
 
 
@@ -47,7 +59,7 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, autocommit: bool = False) -> Engine:
     parsed = make_url(url)
     # No pool_pre_ping: a ping is a round trip per checkout on the hot path. A connection
     # that died (database restart) fails once; SQLAlchemy then invalidates the pool and the
@@ -71,6 +83,8 @@ def make_engine(url: str) -> Engine:
             "tcp_user_timeout": 30000,
         }
         kwargs.update(pool_size=10, max_overflow=20)
+    if autocommit:
+        kwargs.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
     for key in list(kwargs.get("connect_args", {})):
         if key in parsed.query:  # the URL's own settings win
             del kwargs["connect_args"][key]
