@@ -7,6 +7,7 @@ reads it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,9 @@ from tomqueue.schema import SCHEMA_VERSION, Base, SchemaInfo, schema_info
 
 log = logging.getLogger("tomqueue.db")
 
-_engines: dict[tuple[str, bool], Engine] = {}
+# per process: a forked child gets engines of its own and never touches (nor closes, nor
+# lets the garbage collector finalize) the connections its parent's pools hold
+_engines: dict[tuple[int, str, bool], Engine] = {}
 _engines_lock = threading.Lock()
 
 
@@ -45,18 +48,28 @@ def get_autocommit_engine(config: Config) -> Engine:
 
 
 def _engine(url: str, autocommit: bool) -> Engine:
+    key = (os.getpid(), url, autocommit)
     with _engines_lock:
-        engine = _engines.get((url, autocommit))
+        engine = _engines.get(key)
         if engine is None:
-            engine = _engines[(url, autocommit)] = make_engine(url, autocommit)
+            engine = _engines[key] = make_engine(url, autocommit)
         return engine
 
 
+def _unlock_in_child() -> None:  # another thread may have held the lock at the fork
+    global _engines_lock
+    _engines_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
+
+
 def dispose_engines() -> None:
+    """Close this process's engines (a parent's, inherited by a fork, are left alone)."""
+    pid = os.getpid()
     with _engines_lock:
-        for engine in _engines.values():
-            engine.dispose()
-        _engines.clear()
+        for key in [key for key in _engines if key[0] == pid]:
+            _engines.pop(key).dispose()
 
 
 def make_engine(url: str, autocommit: bool = False) -> Engine:
