@@ -170,3 +170,22 @@ def test_a_notification_given_up_is_logged_reported_and_flush_says_so(
     assert [(r.levelno, getattr(r, "job_id", None)) for r in failed] == [(logging.ERROR, job.id)]
     assert "not confirmed" in failed[0].getMessage()
     assert [type(e) for e in reported] == [PublishError] and str(job.id) in str(reported[0])
+
+
+@on_stacks(("postgresql", "amqp"))
+def test_an_unroutable_notification_is_sent_again_after_declaring_again(
+    stack: Stack, ledger_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue is deleted behind the publisher's back: the broker returns the next
+    notification (``mandatory``); the publisher logs it, declares again and re-sends it."""
+    config = stack.config
+    tomqueue.enqueue(Record(ledger_path, "before"))
+    assert tomqueue.flush(30) is True
+    with amqp_channel(config) as channel:
+        channel.queue_delete(f"{config.prefix}.balance.normal")  # type: ignore[attr-defined]
+    job = tomqueue.enqueue(Record(ledger_path, "after"))
+    assert tomqueue.flush(30) is True
+    assert normal_queue_ids(stack) == [job.id]
+    retried = [r for r in caplog.records if getattr(r, "action", None) == "publish_retry"]
+    assert [getattr(r, "job_id", None) for r in retried] == [job.id]
+    assert "unroutable" in retried[0].getMessage()

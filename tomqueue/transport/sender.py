@@ -229,9 +229,17 @@ class Sender:
         if confirmed:
             self._settle(confirmed, [])
         if failed and self._connection is not None:  # declare again: a queue may be gone
-            self._declarer = ConfirmedChannel(self._connection, self.config)
+            self._redeclare(self._connection)
         if pipe.overdue(now):
             raise PublishError(f"no confirm within {self.config.publish_timeout:g} s")
+
+    def _redeclare(self, connection: BlockingConnection) -> None:
+        """A fresh declaring channel (its cache of declared queue sets starts empty)."""
+        old, self._declarer = self._declarer, None
+        if old is not None and old.channel.is_open:
+            with contextlib.suppress(Exception):
+                old.channel.close()
+        self._declarer = ConfirmedChannel(connection, self.config)
 
     def _retry_later(self, entry: Entry, reason: str) -> None:
         entry.failures += 1
