@@ -31,6 +31,7 @@ COLUMNS = tuple(c.name for c in jobs.columns if c.name != "id")
 # drivers whose parameters need no conversion by SQLAlchemy for our column types
 _ONE_ROUND_TRIP = {("postgresql", "psycopg"), ("mysql", "pymysql"), ("mariadb", "pymysql")}
 _statements: dict[tuple[str, str], tuple[str, bool]] = {}
+_CURSOR_KEY = "tomqueue_insert_cursor"
 
 
 def row_values(job: Job) -> dict[str, Any]:
@@ -104,14 +105,23 @@ def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
     driver error is raised as SQLAlchemy's ``DBAPIError`` like any other statement's."""
     sql, returning = _statement(engine)
     with engine.connect() as conn:
-        cursor = conn.connection.cursor()
+        cursor = _cursor(conn)
         try:
             cursor.execute(sql, values)
-            return int(cursor.fetchone()[0] if returning else cursor.lastrowid)  # type: ignore[index]
+            return int(cursor.fetchone()[0] if returning else cursor.lastrowid)
         except engine.dialect.loaded_dbapi.Error as exc:
             raise _wrapped(conn, exc, sql, values, cursor) from exc
-        finally:
-            cursor.close()
+
+
+def _cursor(conn: Connection) -> Any:
+    """The driver cursor kept with the pooled DBAPI connection (its ``info`` lives as long
+    as that connection and is cleared when it is replaced): one cursor per connection,
+    used by one thread at a time like the connection itself."""
+    info = conn.connection.info
+    cursor = info.get(_CURSOR_KEY)
+    if cursor is None:
+        cursor = info[_CURSOR_KEY] = conn.connection.cursor()
+    return cursor
 
 
 def _statement(engine: Engine) -> tuple[str, bool]:
