@@ -49,6 +49,9 @@ def get_autocommit_engine(config: Config) -> Engine:
 
 def _engine(url: str, autocommit: bool) -> Engine:
     key = (os.getpid(), url, autocommit)
+    engine = _engines.get(key)  # no lock on the hot path: a dict read is atomic
+    if engine is not None:
+        return engine
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:

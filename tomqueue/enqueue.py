@@ -195,9 +195,12 @@ def enqueue(
     target = session if session is not None else connection
     persist(job, target, config)
     note = notification(job)
-    log.debug(
-        "enqueued job %s", job.id, extra={"job_id": job.id, "queue": job.queue, "action": "enqueue"}
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "enqueued job %s",
+            job.id,
+            extra={"job_id": job.id, "queue": job.queue, "action": "enqueue"},
+        )
     if target is None:
         publish([note], config)
     else:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
 
 from tomqueue.config import Config
 from tomqueue.db import get_autocommit_engine, get_engine
@@ -35,7 +36,10 @@ _CURSOR_KEY = "tomqueue_insert_cursor"
 
 
 def row_values(job: Job) -> dict[str, Any]:
-    return {name: getattr(job, name) for name in COLUMNS}
+    """The new row's values (read from the instance's ``__dict__``, where SQLAlchemy keeps
+    them: unset columns are NULL)."""
+    state = job.__dict__
+    return {name: state.get(name) for name in COLUMNS}
 
 
 def persist(job: Job, target: Session | Connection | None, config: Config) -> None:
@@ -99,28 +103,35 @@ def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
 
 
 def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
-    """One INSERT on an autocommit connection: checkout, one round trip, check-in (no
+    """One INSERT on an autocommit connection: pool checkout, one round trip, check-in (no
     rollback: there is no transaction). The statement goes straight to the driver's cursor
-    — SQLAlchemy's execution context costs as much as the rest of ``enqueue`` — and a
-    driver error is raised as SQLAlchemy's ``DBAPIError`` like any other statement's."""
+    — SQLAlchemy's Connection and execution context cost as much as the rest of
+    ``enqueue`` — and a driver error is raised as SQLAlchemy's ``DBAPIError``, as any
+    other statement's would be."""
     sql, returning = _statement(engine)
-    with engine.connect() as conn:
-        cursor = _cursor(conn)
+    error = engine.dialect.loaded_dbapi.Error
+    try:
+        raw = engine.raw_connection()
+    except error as exc:  # cannot connect
+        raise _wrapped(engine, None, exc, None, None) from exc
+    try:
+        cursor = _cursor(raw)
         try:
             cursor.execute(sql, values)
             return int(cursor.fetchone()[0] if returning else cursor.lastrowid)
-        except engine.dialect.loaded_dbapi.Error as exc:
-            raise _wrapped(conn, exc, sql, values, cursor) from exc
+        except error as exc:
+            raise _wrapped(engine, raw, exc, sql, values, cursor) from exc
+    finally:
+        raw.close()
 
 
-def _cursor(conn: Connection) -> Any:
+def _cursor(raw: PoolProxiedConnection) -> Any:
     """The driver cursor kept with the pooled DBAPI connection (its ``info`` lives as long
     as that connection and is cleared when it is replaced): one cursor per connection,
     used by one thread at a time like the connection itself."""
-    info = conn.connection.info
-    cursor = info.get(_CURSOR_KEY)
+    cursor = raw.info.get(_CURSOR_KEY)
     if cursor is None:
-        cursor = info[_CURSOR_KEY] = conn.connection.cursor()
+        cursor = raw.info[_CURSOR_KEY] = raw.cursor()
     return cursor
 
 
@@ -138,15 +149,21 @@ def _statement(engine: Engine) -> tuple[str, bool]:
 
 
 def _wrapped(
-    conn: Connection, exc: Any, sql: str, values: dict[str, Any], cursor: Any
+    engine: Engine,
+    raw: PoolProxiedConnection | None,
+    exc: Any,
+    sql: str | None,
+    values: dict[str, Any] | None,
+    cursor: Any = None,
 ) -> BaseException:
     """SQLAlchemy's exception for a driver error; a lost connection is invalidated, and so
     is the rest of the pool (after a database restart every pooled connection is dead)."""
-    dialect = conn.dialect
-    lost = dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+    dialect = engine.dialect
+    lost = raw is not None and dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
     if lost:
-        conn.invalidate(exc)
-        conn.engine.dispose()
+        assert raw is not None
+        raw.invalidate(exc)
+        engine.dispose()
     wrapped: BaseException = DBAPIError.instance(
         sql, values, exc, dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=dialect
     )

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 import tomqueue
 from tests.conftest import AMQP_STACKS, Stack, amqp_channel, drain_queue, job_count, on_stacks
@@ -189,3 +190,14 @@ def test_an_unroutable_notification_is_sent_again_after_declaring_again(
     retried = [r for r in caplog.records if getattr(r, "action", None) == "publish_retry"]
     assert [getattr(r, "job_id", None) for r in retried] == [job.id]
     assert "unroutable" in retried[0].getMessage()
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_an_unreachable_database_raises_sqlalchemys_error(stack: Stack, ledger_path: str) -> None:
+    """Nothing was committed, so enqueue raises — the same ``OperationalError`` as before
+    the fast path."""
+    port = free_port()
+    url = make_url(stack.config.database_url).set(host="127.0.0.1", port=port)
+    config = stack.config.replace(database_url=url.render_as_string(hide_password=False))
+    with pytest.raises(OperationalError):
+        tomqueue.enqueue(Record(ledger_path, "nowhere"), config=config)

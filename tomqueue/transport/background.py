@@ -180,6 +180,9 @@ def get_background_publisher(config: Config) -> BackgroundPublisher:
     """This process's background publisher for the config's broker and prefix (the first
     config that asks decides its other settings)."""
     key = (os.getpid(), config.amqp_url, config.prefix)
+    publisher = _publishers.get(key)  # no lock on the hot path: a dict read is atomic
+    if publisher is not None:
+        return publisher
     with _lock:
         publisher = _publishers.get(key)
         if publisher is None:
