@@ -31,7 +31,8 @@ from tomqueue.errors import EnqueueError
 from tomqueue.message import Notification
 from tomqueue.persist import persist, persist_many
 from tomqueue.schema import Job
-from tomqueue.transport import get_background_publisher, get_publisher
+from tomqueue.transport import get_publisher
+from tomqueue.transport.background import get_background_publisher
 
 log = logging.getLogger("tomqueue.enqueue")
 
