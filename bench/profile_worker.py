@@ -94,8 +94,8 @@ def instrument_broker() -> None:
 def instrument_enqueue() -> None:
     module = importlib.import_module("tomqueue.enqueue")  # the package attribute is the function
     patch(module, "validate", "enqueue.validate (+ handler.dump)")
-    patch(module, "persist", "enqueue.persist (checkout + INSERT + COMMIT)")
-    patch(module, "publish", "enqueue.publish (publish + confirm)")
+    patch(module, "persist", "enqueue.persist (checkout + autocommit INSERT)")
+    patch(module, "publish", "enqueue.publish (hand-off to the background publisher)")
 
 
 def instrument_worker() -> None:

@@ -1,10 +1,11 @@
 """W3 latency: an idle worker, one job every ``w3_interval`` for ``w3_seconds``.
 
 Latency = the job's ``Stamp`` at ``perform`` start minus the time recorded just before the
-enqueue call. Ours: ``tomqueue.enqueue`` (INSERT, commit, publish with confirm) to a
-``tomqueue worker`` waiting on RabbitMQ. Baseline: a one-INSERT enqueue to a polling
-``bench.dj_baseline`` sleeping ``dj_fast_sleep`` between empty polls (and, with ``--large``,
-Delayed::Job's default ``sleep_delay`` of 5 s; otherwise that is reported as a note).
+enqueue call. Ours: ``tomqueue.enqueue`` (autocommit INSERT, hand-off to the background
+publisher, which publishes with confirms) to a ``tomqueue worker`` waiting on RabbitMQ.
+Baseline: a one-INSERT enqueue to a polling ``bench.dj_baseline`` sleeping ``dj_fast_sleep``
+between empty polls (and, with ``--large``, Delayed::Job's default ``sleep_delay`` of 5 s;
+otherwise that is reported as a note).
 """
 
 from __future__ import annotations

@@ -192,15 +192,27 @@ def declare_topology(config: Config, queue_sets: Sequence[str | None] = (None,))
         declare_deferred(channel, topology)  # type: ignore[arg-type]
 
 
+def settle_enqueued() -> None:
+    """Wait (bounded) until what this process enqueued is confirmed or given up:
+    ``enqueue`` returns before its notification reaches the broker."""
+    from tomqueue import flush
+
+    flush(30)
+
+
 def queue_depth(config: Config, name: str) -> tuple[int, int]:
-    """(ready messages, consumers) of a queue, by a passive declare."""
+    """(ready messages, consumers) of a queue, by a passive declare (after
+    ``settle_enqueued``)."""
+    settle_enqueued()
     with amqp_channel(config) as channel:
         ok = channel.queue_declare(name, passive=True)  # type: ignore[attr-defined]
         return ok.method.message_count, ok.method.consumer_count
 
 
 def drain_queue(config: Config, name: str) -> list[tuple[bytes, dict[str, object]]]:
-    """Take (and ack) every ready message of a queue: [(body, headers)]."""
+    """Take (and ack) every ready message of a queue: [(body, headers)] (after
+    ``settle_enqueued``)."""
+    settle_enqueued()
     out: list[tuple[bytes, dict[str, object]]] = []
     with amqp_channel(config) as channel:
         while True:
@@ -282,7 +294,12 @@ class WorkerThread:
 
 
 def run_worker(config: Config, timeout: float = 30.0, **kwargs: object) -> WorkerThread:
-    """Run an in-process worker with ``exit_on_complete`` until it exits (bounded)."""
+    """Run an in-process worker with ``exit_on_complete`` until it exits (bounded). What
+    this process enqueued is flushed first: ``exit_on_complete`` looks at the broker's
+    queues, and ``enqueue`` returns before its notification is confirmed."""
+    from tomqueue import flush
+
+    assert flush(30), "notifications of enqueued jobs were not confirmed"
     kwargs.setdefault("exit_on_complete", True)
     worker = WorkerThread(config, **kwargs).start()
     code = worker.join(timeout)

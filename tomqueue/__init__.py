@@ -3,6 +3,7 @@ carries the notifications.
 
     from tomqueue import Delayed
     Delayed.enqueue(MyJob(), priority=0, run_at=None, queue=None)
+    tomqueue.flush()  # wait for the broker's confirms of what was enqueued so far
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from tomqueue import lifecycle
 from tomqueue.config import Config, configure, current
 from tomqueue.delay import PerformableMethod, delay, handle_asynchronously
-from tomqueue.enqueue import enqueue, enqueue_many
+from tomqueue.enqueue import enqueue, enqueue_many, flush
 from tomqueue.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -60,6 +61,7 @@ __all__ = [
     "delay",
     "enqueue",
     "enqueue_many",
+    "flush",
     "handle_asynchronously",
     "lifecycle",
     "work_off",

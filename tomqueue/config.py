@@ -79,6 +79,12 @@ class Config:
     stop_grace: float = 30.0
     timeout_grace: float = 5.0
     publish_timeout: float = 10.0
+    # enqueue returns after the commit and the hand-off to this process's background
+    # publisher; sync_publish=True makes it wait for the broker's confirm as well
+    sync_publish: bool = False
+    # how long the background publisher re-sends an unconfirmed notification before it
+    # gives up on it (logged, reported; the sweeper delivers the job)
+    publish_retry_for: float = 30.0
     heartbeat_interval: float = 5.0
     lease_timeout: float = 60.0
     max_crashes: int = 3
@@ -168,6 +174,7 @@ _POSITIVE_SECONDS = (
     "sleep_delay",
     "delivery_hold_limit",
     "publish_timeout",
+    "publish_retry_for",
     "heartbeat_interval",
     "lease_timeout",
     "sweep_interval",
@@ -223,7 +230,7 @@ def _validate_names(c: Config) -> None:
 
 
 def _validate_numbers(c: Config) -> None:
-    for name in ("destroy_failed_jobs", "delay_jobs"):
+    for name in ("destroy_failed_jobs", "delay_jobs", "sync_publish"):
         value = getattr(c, name)
         _require(isinstance(value, bool), name, "must be True or False", value)
     for name in _POSITIVE_INTS:

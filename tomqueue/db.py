@@ -7,6 +7,7 @@ reads it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -21,7 +22,9 @@ from tomqueue.config import Config
 
 log = logging.getLogger("tomqueue.db")
 
-_engines: dict[str, Engine] = {}
+# per process: a forked child gets engines of its own and never touches (nor closes, nor
+# lets the garbage collector finalize) the connections its parent's pools hold
+_engines: dict[tuple[int, str, bool], Engine] = {}
 _engines_lock = threading.Lock()
 
 
@@ -32,21 +35,46 @@ def utcnow() -> datetime:
 
 def get_engine(config: Config) -> Engine:
     """The process-wide engine for ``config.database_url`` (created once)."""
+    return _engine(config.database_url, autocommit=False)
+
+
+def get_autocommit_engine(config: Config) -> Engine:
+    """A second process-wide engine for the same database whose connections are always in
+    autocommit mode, for single statements that need no transaction (``enqueue`` outside a
+    caller's transaction: one round trip instead of BEGIN, INSERT, COMMIT). Its pool does
+    not roll back on check-in: an autocommit connection has nothing to roll back."""
+    return _engine(config.database_url, autocommit=True)
+
+
+def _engine(url: str, autocommit: bool) -> Engine:
+    key = (os.getpid(), url, autocommit)
+    engine = _engines.get(key)  # no lock on the hot path: a dict read is atomic
+    if engine is not None:
+        return engine
     with _engines_lock:
-        engine = _engines.get(config.database_url)
+        engine = _engines.get(key)
         if engine is None:
-            engine = _engines[config.database_url] = make_engine(config.database_url)
+            engine = _engines[key] = make_engine(url, autocommit)
         return engine
 
 
+def _unlock_in_child() -> None:  # another thread may have held the lock at the fork
+    global _engines_lock
+    _engines_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
+
+
 def dispose_engines() -> None:
+    """Close this process's engines (a parent's, inherited by a fork, are left alone)."""
+    pid = os.getpid()
     with _engines_lock:
-        for engine in _engines.values():
-            engine.dispose()
-        _engines.clear()
+        for key in [key for key in _engines if key[0] == pid]:
+            _engines.pop(key).dispose()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, autocommit: bool = False) -> Engine:
     parsed = make_url(url)
     # No pool_pre_ping: a ping is a round trip per checkout on the hot path. A connection
     # that died (database restart) fails once; SQLAlchemy then invalidates the pool and the
@@ -70,6 +98,8 @@ def make_engine(url: str) -> Engine:
             "tcp_user_timeout": 30000,
         }
         kwargs.update(pool_size=10, max_overflow=20)
+    if autocommit:
+        kwargs.update(isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
     for key in list(kwargs.get("connect_args", {})):
         if key in parsed.query:  # the URL's own settings win
             del kwargs["connect_args"][key]

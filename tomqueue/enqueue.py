@@ -2,6 +2,11 @@
 
     enqueue(payload, priority=None, run_at=None, queue=None, session=None, connection=None)
 
+Returns once the row is committed (or written in the caller's transaction) and its
+notification is handed to the background publisher, which publishes it with confirms once
+the row is committed; ``flush()`` waits for those confirms. ``sync_publish=True``
+makes ``enqueue`` wait for the confirm itself.
+
 Delayed::Job's precedence: an explicit ``priority`` (0 included) wins over the configured
 default; the queue comes from the argument, then the payload's ``queue_name``, then the
 default queue (stored as NULL).
@@ -10,26 +15,26 @@ default queue (stored as NULL).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import Connection, insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from tomqueue import failpoints, handler, lifecycle
 from tomqueue.aftercommit import after_commit
 from tomqueue.config import QUEUE_NAME_RE, Config, current
-from tomqueue.db import get_engine, utcnow
+from tomqueue.db import utcnow
 from tomqueue.errors import EnqueueError
 from tomqueue.message import Notification
-from tomqueue.schema import Job, jobs
+from tomqueue.persist import persist, persist_many
+from tomqueue.schema import Job
 from tomqueue.transport import get_publisher
+from tomqueue.transport.background import get_background_publisher
 
 log = logging.getLogger("tomqueue.enqueue")
-T = TypeVar("T")
 
 MAX_HANDLER_BYTES = 16 * 1024 * 1024
 
@@ -98,7 +103,7 @@ def run_enqueue_hooks(request: Request, job: Job) -> None:
     lifecycle.run("after", "enqueue", job)
 
 
-# --- layer 3: persist ------------------------------------------------------------------
+# --- layer 3: persist (tomqueue/persist.py) --------------------------------------------
 
 
 def new_job(request: Request) -> Job:
@@ -118,51 +123,6 @@ def new_job(request: Request) -> Job:
     )
 
 
-def _own_transaction(config: Config, work: Callable[[Connection], T]) -> T:
-    """Run ``work`` in a transaction of our own; once more on a fresh connection if the
-    pooled one turned out dead (database restarted): nothing was committed, so retrying is
-    safe, and the caller should not see an error a second attempt would not raise."""
-    for attempt in (1, 2):
-        try:
-            with get_engine(config).begin() as conn:
-                return work(conn)
-        except DBAPIError as exc:
-            if attempt == 2 or not exc.connection_invalidated:
-                raise
-    raise AssertionError("unreachable")
-
-
-def persist_many(new: list[Job], target: Session | Connection | None, config: Config) -> None:
-    """One multi-row INSERT (``RETURNING id`` in parameter order) for many jobs."""
-    if isinstance(target, Session):
-        target.add_all(new)
-        target.flush()
-        return
-    rows = [{c.name: getattr(j, c.name) for c in jobs.columns if c.name != "id"} for j in new]
-    statement = insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True)
-    if target is None:
-        ids = _own_transaction(config, lambda conn: conn.execute(statement, rows).scalars().all())
-    else:
-        ids = target.execute(statement, rows).scalars().all()
-    for job, job_id in zip(new, ids, strict=True):
-        job.id = job_id
-
-
-def persist(job: Job, target: Session | Connection | None, config: Config) -> None:
-    if isinstance(target, Session):
-        target.add(job)
-        target.flush()
-        return
-    values = {c.name: getattr(job, c.name) for c in jobs.columns if c.name != "id"}
-    if target is None:
-        result = _own_transaction(config, lambda conn: conn.execute(insert(jobs).values(**values)))
-    else:
-        result = target.execute(insert(jobs).values(**values))
-    key = result.inserted_primary_key
-    assert key is not None
-    job.id = key[0]
-
-
 # --- layer 4: publish after commit -----------------------------------------------------
 
 
@@ -178,11 +138,16 @@ def notification(job: Job) -> Notification:
 
 
 def publish(notes: list[Notification], config: Config) -> None:
-    """Publish; a failure is logged, not raised: the row is committed and the sweeper
-    republishes notifications that never arrived."""
+    """Hand the notifications to this process's background publisher (or, with
+    ``sync_publish`` or without a broker, publish them and wait for the confirms). A failure
+    is logged, not raised: the row is committed and the sweeper republishes notifications
+    that never arrived."""
     try:
         failpoints.hit("enqueue.before_publish")
-        get_publisher(config).publish(notes)
+        if config.uses_broker and not config.sync_publish:
+            get_background_publisher(config).submit(notes)
+        else:
+            get_publisher(config).publish(notes)
     except Exception as exc:  # the row is committed: never raise, the sweeper recovers it
         log.error(
             "job committed but its notification was not confirmed: %s; the sweeper "
@@ -192,6 +157,16 @@ def publish(notes: list[Notification], config: Config) -> None:
         )
         if config.exception_reporter:
             config.exception_reporter(exc)
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Wait until every notification this process's ``enqueue`` calls handed off so far is
+    confirmed by the broker or given up (logged, left to the sweeper). True if they were
+    all confirmed; False if one was given up or ``timeout`` (seconds) passed first.
+    Called for a few seconds at interpreter exit as well."""
+    from tomqueue.transport import flush_publishers
+
+    return flush_publishers(timeout)
 
 
 # --- the stack -------------------------------------------------------------------------
@@ -221,9 +196,12 @@ def enqueue(
     target = session if session is not None else connection
     persist(job, target, config)
     note = notification(job)
-    log.debug(
-        "enqueued job %s", job.id, extra={"job_id": job.id, "queue": job.queue, "action": "enqueue"}
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "enqueued job %s",
+            job.id,
+            extra={"job_id": job.id, "queue": job.queue, "action": "enqueue"},
+        )
     if target is None:
         publish([note], config)
     else:

@@ -384,8 +384,14 @@ def test_whole_broker_faults_during_a_2000_job_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A private RabbitMQ node: close_all_connections, then stop_app / start_app while jobs
-    are being enqueued (publishes fail: the sweeper delivers those) and worked."""
+    are being enqueued (publishes fail: the sweeper delivers those) and worked.
+
+    The producer's background publisher gives a notification up after 1 s (the default is
+    30 s, longer than this outage: it would re-send them all once the node is back), so
+    that the jobs enqueued while the node is down reach their workers through the
+    sweeper."""
     c = clusters("postgresql", amqp_url=private_broker.url)
+    c.config = c.config.replace(publish_retry_for=1.0)
     c.deferred()
     workers = c.workers(3, "--threads", "4")
     markers = [f"j{i}" for i in range(2000)]

@@ -23,7 +23,7 @@ from tests.conftest import (
 )
 from tests.jobs import Boom, Record
 from tests.ports import free_port
-from tomqueue import enqueue
+from tomqueue import enqueue, flush
 from tomqueue.config import Config
 
 API = "http://127.0.0.1:15672/api"
@@ -69,6 +69,7 @@ def test_management_ui_shows_named_durable_queues_and_readable_messages(
     management: None, pg_amqp: Config, ledger_path: str
 ) -> None:
     job = enqueue(Record(ledger_path, "ui"), priority=-1)
+    assert flush(30), "the notification was not confirmed"  # enqueue returns before that
     prefix = pg_amqp.prefix
     work = api(f"exchanges/%2F/{urllib.parse.quote(prefix + '.work', safe='')}")
     assert work["type"] == "topic" and work["durable"]

@@ -47,13 +47,19 @@ def test_quick_w1_on_postgresql_writes_the_json(tmp_path: Path) -> None:
     for side in ("ours", "baseline"):
         assert w1[side]["enqueue_per_s"] > 0
         assert w1[side]["processed_per_s"] > 0
+    assert w1["ours"]["enqueue_flush_per_s"] > 0  # until every notification is confirmed
+    assert w1["ours"]["sync"]["enqueue_per_s"] > 0  # sync_publish
     bulk = w1["ours"]["bulk"]
     assert bulk["available"] in (True, False)
     if bulk["available"]:
         assert bulk["enqueue_per_s"] > 0
     assert w1["ratio_processed"] > 0
     names = {t["name"] for t in data["targets"]}
-    assert {"W1 processed/s vs DJ", "W1 enqueue/s (confirms)"} <= names
+    assert {
+        "W1 processed/s vs DJ",
+        "W1 enqueue/s (commit + hand-off)",
+        "W1 enqueue+flush/s (confirms)",
+    } <= names
     assert {t["status"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
     assert "processed/s" in done.stdout and "Targets:" in done.stdout
     assert "password" not in done.stdout.lower()

@@ -34,11 +34,13 @@ def test_enqueue_many_publishes_once_per_job_after_commit_only(
     name = f"{config.prefix}.balance.normal"
     with Session(get_engine(config)) as session, session.begin():
         tomqueue.enqueue_many([Record(ledger_path, "kept")] * 5, session=session)
+    assert tomqueue.flush(30)
     assert queue_depth(config, name)[0] == 5
     with Session(get_engine(config)) as session:
         session.begin()
         tomqueue.enqueue_many([Record(ledger_path, "gone")] * 5, session=session)
         session.rollback()
+    assert tomqueue.flush(30)
     assert queue_depth(config, name)[0] == 5
     assert job_count(config) == 5
 

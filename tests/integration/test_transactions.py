@@ -2,7 +2,8 @@
 
 ``enqueue(obj, session=s)`` and ``enqueue(obj, connection=c)``: a rollback publishes nothing
 (and leaves no row); a commit publishes exactly once, after the commit. On AMQP stacks the
-messages are counted in ``<prefix>.balance.normal``; on every stack the transport's
+messages are counted in ``<prefix>.balance.normal`` (after ``tomqueue.flush()``: enqueue
+hands its notifications to a background publisher); on every stack the hand-off to the
 publisher is observed too (the polling transport has no broker to count in).
 """
 
@@ -20,7 +21,7 @@ from tests.conftest import Stack, declare_topology, drain_queue, job_count
 from tests.jobs import Record
 from tomqueue.db import get_engine
 from tomqueue.message import decode
-from tomqueue.transport import get_publisher
+from tomqueue.transport import get_background_publisher, get_publisher
 
 
 class Published:
@@ -39,6 +40,7 @@ class Published:
         """Job ids of the notifications waiting in <prefix>.balance.normal (consumed)."""
         if self.stack.transport != "amqp":
             return list(self.ids)  # no broker: the publisher call is the notification
+        assert tomqueue.flush(30), "notifications were not confirmed"
         config = self.stack.config
         return [
             decode(b, h).job_id for b, h in drain_queue(config, f"{config.prefix}.balance.normal")
@@ -50,14 +52,24 @@ def published(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Publish
     if stack.transport == "amqp":
         declare_topology(stack.config)
     spy = Published(stack)
-    publisher = get_publisher(stack.config)
-    original = publisher.publish
+    if stack.transport == "amqp":  # enqueue hands notifications to the background publisher
+        background = get_background_publisher(stack.config)
+        original = background.submit
 
-    def publish(notes: object) -> None:
-        original(notes)  # type: ignore[arg-type]
-        spy.record(notes)
+        def submit(notes: object) -> None:
+            original(notes)  # type: ignore[arg-type]
+            spy.record(notes)
 
-    monkeypatch.setattr(publisher, "publish", publish)
+        monkeypatch.setattr(background, "submit", submit)
+    else:
+        publisher = get_publisher(stack.config)
+        publish_original = publisher.publish
+
+        def publish(notes: object) -> None:
+            publish_original(notes)  # type: ignore[arg-type]
+            spy.record(notes)
+
+        monkeypatch.setattr(publisher, "publish", publish)
     yield spy
 
 

@@ -46,6 +46,8 @@ def test_config_is_frozen() -> None:
         ("max_run_time", 0, "> 0"),
         ("sleep_delay", -1, "> 0"),
         ("publish_timeout", "10", "> 0"),
+        ("publish_retry_for", 0, "> 0"),
+        ("publish_retry_for", -1.5, "> 0"),
         ("stop_grace", -0.5, ">= 0"),
         ("timeout_grace", -1, ">= 0"),
         ("run_at_tolerance", -1, ">= 0"),
@@ -69,7 +71,12 @@ def test_invalid_field_names_the_field_and_constraint(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("delay_jobs", "false"), ("destroy_failed_jobs", "yes"), ("max_run_time", True)],
+    [
+        ("delay_jobs", "false"),
+        ("destroy_failed_jobs", "yes"),
+        ("max_run_time", True),
+        ("sync_publish", 1),
+    ],
 )
 def test_wrongly_typed_flags_are_rejected(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -139,6 +146,14 @@ def test_from_env_reads_tomqueue_variables() -> None:
     assert config.delay_jobs is False and config.destroy_failed_jobs is True
 
 
+def test_publishing_settings_default_to_the_background_publisher_and_read_env() -> None:
+    assert Config().sync_publish is False and Config().publish_retry_for == 30.0
+    config = Config.from_env(
+        {"TOMQUEUE_SYNC_PUBLISH": "true", "TOMQUEUE_PUBLISH_RETRY_FOR": "2.5"}
+    )
+    assert config.sync_publish is True and config.publish_retry_for == 2.5
+
+
 def test_from_env_empty_amqp_url_means_polling() -> None:
     config = Config.from_env({"TOMQUEUE_AMQP_URL": ""})
     assert config.amqp_url is None and not config.uses_broker
@@ -155,6 +170,8 @@ def test_from_env_overrides_win() -> None:
         ("TOMQUEUE_MAX_ATTEMPTS", "many"),
         ("TOMQUEUE_DELAY_JOBS", "perhaps"),
         ("TOMQUEUE_SLEEP_DELAY", "x"),
+        ("TOMQUEUE_SYNC_PUBLISH", "sometimes"),
+        ("TOMQUEUE_PUBLISH_RETRY_FOR", "soon"),
     ],
 )
 def test_from_env_bad_value_names_the_variable(name: str, raw: str) -> None:

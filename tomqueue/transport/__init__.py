@@ -3,24 +3,34 @@
 - ``amqp``: RabbitMQ (the fast path): publisher confirms, mandatory, one exchange.
 - ``polling``: no broker; workers poll the database (development mode and fallback).
 
-Both offer the same two faces: a ``Publisher`` (thread-safe, used by enqueue and by the
-deferred manager) and a ``Consumer`` (owned by a worker's main thread).
+Both offer the same two faces: a ``Publisher`` (thread-safe, waits for confirms: used by
+the sweeper, by ``enqueue`` with ``sync_publish`` and by the polling worker) and a
+``Consumer`` (owned by a worker's main thread). ``enqueue`` on a broker hands its
+notifications to ``background.BackgroundPublisher`` instead and returns;
+``flush_publishers`` waits for their confirms.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tomqueue.config import LEVELS, Config
 from tomqueue.transport.base import Consumer, Delivery, Publisher
+
+if TYPE_CHECKING:
+    from tomqueue.transport.background import BackgroundPublisher
 
 __all__ = [
     "Consumer",
     "Delivery",
     "Publisher",
     "close_publishers",
+    "flush_publishers",
+    "get_background_publisher",
     "get_publisher",
     "make_consumer",
 ]
@@ -47,7 +57,26 @@ def get_publisher(config: Config) -> Publisher:
         return publisher
 
 
-def close_publishers() -> None:
+def get_background_publisher(config: Config) -> BackgroundPublisher:
+    """This process's background publisher for ``enqueue`` (see ``background``)."""
+    from tomqueue.transport.background import get_background_publisher as get
+
+    return get(config)
+
+
+def flush_publishers(timeout: float | None = None) -> bool:
+    """Wait until every notification this process handed to a background publisher so far
+    is confirmed or given up; True if all were confirmed within ``timeout``."""
+    background = sys.modules.get("tomqueue.transport.background")
+    return background is None or background.flush_background(timeout)
+
+
+def close_publishers(timeout: float = 5.0) -> None:
+    """Close this process's publishers; background ones are flushed for up to
+    ``timeout`` seconds first (what is left is logged as not confirmed)."""
+    background = sys.modules.get("tomqueue.transport.background")
+    if background is not None:
+        background.close_background(timeout)
     with _lock:
         for publisher in _publishers.values():
             publisher.close()

@@ -17,7 +17,7 @@ interchangeable. Nacks, returns and confirms that never come are failures.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from itertools import takewhile
 from typing import Any
 
@@ -36,7 +36,12 @@ def _noop() -> None:
 class PipelinedPublisher:
     """A confirm-mode channel with unconfirmed publishes in flight (owner thread only)."""
 
-    def __init__(self, connection: BlockingConnection, timeout: float) -> None:
+    def __init__(
+        self, connection: BlockingConnection, timeout: float, wake_on_confirm: bool = True
+    ) -> None:
+        """``wake_on_confirm``: a confirm ends the owner's ``process_data_events`` wait at
+        once (one more system call pair per wake-up); without it the owner waits with
+        short time limits instead."""
         self.timeout = timeout
         self._connection = connection
         self.channel: BlockingChannel = connection.channel()
@@ -45,8 +50,9 @@ class PipelinedPublisher:
         self._in_flight: dict[int, InFlight] = {}
         self._returned: Counter[tuple[str, str, bytes]] = Counter()
         self._confirmed: list[int] = []
-        self._failures: list[str] = []
-        self._woken = False
+        self._failures: list[tuple[int, str]] = []  # (tag, what went wrong)
+        self._woken = not wake_on_confirm  # never re-armed when False: never woken
+        self._wake = wake_on_confirm
         self._impl.add_on_return_callback(self._on_return)
         self._enable_confirms()
 
@@ -73,6 +79,17 @@ class PipelinedPublisher:
         self._seq += 1
         self._in_flight[self._seq] = (tag, time.monotonic(), exchange, key, body)
 
+    def coalesce(self) -> None:
+        """Join the frames waiting to be written into one buffer. pika writes every frame
+        with its own ``send()`` — three system calls per publish, each also waking the
+        broker — so after a batch of ``send`` calls one write carries them all."""
+        transport = getattr(self._connection._impl, "_transport", None)
+        buffers = getattr(transport, "_tx_buffers", None)
+        if isinstance(buffers, deque) and len(buffers) > 1:
+            joined = b"".join(buffers)
+            buffers.clear()
+            buffers.append(joined)
+
     def take_confirmed(self) -> list[int]:
         """Delivery tags of the publishes confirmed since the last call."""
         confirmed, self._confirmed = self._confirmed, []
@@ -81,9 +98,14 @@ class PipelinedPublisher:
 
     def rearm(self) -> None:
         """Let the next confirm end the owner's ``process_data_events`` wait early."""
-        self._woken = False
+        self._woken = not self._wake
 
     def take_failures(self) -> list[str]:
+        """What went wrong with the publishes that failed since the last call."""
+        return [reason for _tag, reason in self.take_failed()]
+
+    def take_failed(self) -> list[tuple[int, str]]:
+        """(tag, what went wrong) of the publishes that failed since the last call."""
         failures, self._failures = self._failures, []
         return failures
 
@@ -119,8 +141,8 @@ class PipelinedPublisher:
             self._returned[route] -= 1
             if self._returned[route] == 0:
                 del self._returned[route]
-            self._failures.append(f"returned as unroutable by {exchange!r} with key {key!r}")
+            self._failures.append((tag, f"returned as unroutable by {exchange!r} with key {key!r}"))
         elif not acked:
-            self._failures.append(f"nacked by the broker ({exchange!r}, key {key!r})")
+            self._failures.append((tag, f"nacked by the broker ({exchange!r}, key {key!r})"))
         else:
             self._confirmed.append(tag)

@@ -1,0 +1,170 @@
+"""Layer 3 of the enqueue stack: write job rows.
+
+- Inside the caller's ``Session`` or ``Connection``: in their transaction, nothing else.
+- Outside any transaction, one job (``enqueue``): on PostgreSQL and MySQL/MariaDB a single
+  ``INSERT`` on an autocommit connection — one round trip, atomic on its own —
+  with ``RETURNING id`` (PostgreSQL) or the driver's ``lastrowid`` (MySQL). SQLite (no
+  network) keeps a short transaction of its own.
+- Outside any transaction, many jobs (``enqueue_many``): one multi-row ``INSERT`` in a
+  transaction of our own.
+
+Either way a pooled connection that turns out dead (the database restarted) is retried
+once on a fresh one: a statement that failed because its connection was gone did nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, insert
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
+
+from tomqueue.config import Config
+from tomqueue.db import get_autocommit_engine, get_engine
+from tomqueue.schema import Job, jobs
+
+T = TypeVar("T")
+
+COLUMNS = tuple(c.name for c in jobs.columns if c.name != "id")
+# drivers whose parameters need no conversion by SQLAlchemy for our column types
+_ONE_ROUND_TRIP = {("postgresql", "psycopg"), ("mysql", "pymysql"), ("mariadb", "pymysql")}
+_statements: dict[tuple[str, str], tuple[str, bool]] = {}
+_CURSOR_KEY = "tomqueue_insert_cursor"
+
+
+def row_values(job: Job) -> dict[str, Any]:
+    """The new row's values (read from the instance's ``__dict__``, where SQLAlchemy keeps
+    them: unset columns are NULL)."""
+    state = job.__dict__
+    return {name: state.get(name) for name in COLUMNS}
+
+
+def persist(job: Job, target: Session | Connection | None, config: Config) -> None:
+    """Write one job row; sets ``job.id``."""
+    if isinstance(target, Session):
+        target.add(job)
+        target.flush()
+        return
+    values = row_values(job)
+    if target is not None:
+        key = target.execute(insert(jobs), values).inserted_primary_key
+    else:
+        engine = get_engine(config)
+        if (engine.dialect.name, engine.dialect.driver) in _ONE_ROUND_TRIP:
+            fast = get_autocommit_engine(config)
+            job.id = _retrying(lambda: _insert_autocommit(fast, values))
+            return
+        key = _retrying(
+            lambda: _in_transaction(
+                engine, lambda c: c.execute(insert(jobs), values).inserted_primary_key
+            )
+        )
+    assert key is not None
+    job.id = key[0]
+
+
+def persist_many(new: list[Job], target: Session | Connection | None, config: Config) -> None:
+    """One multi-row INSERT (``RETURNING id`` in parameter order) for many jobs."""
+    if isinstance(target, Session):
+        target.add_all(new)
+        target.flush()
+        return
+    rows = [row_values(job) for job in new]
+    statement = insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True)
+    if target is None:
+        engine = get_engine(config)
+        ids = _retrying(
+            lambda: _in_transaction(engine, lambda c: c.execute(statement, rows).scalars().all())
+        )
+    else:
+        ids = target.execute(statement, rows).scalars().all()
+    for job, job_id in zip(new, ids, strict=True):
+        job.id = job_id
+
+
+def _retrying(work: Callable[[], T]) -> T:
+    """Run ``work`` once more if its pooled connection turned out dead (database
+    restarted): nothing was written, so retrying is safe, and the caller should not see an
+    error a second attempt would not raise."""
+    try:
+        return work()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return work()
+
+
+def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    with engine.begin() as conn:
+        return work(conn)
+
+
+def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
+    """One INSERT on an autocommit connection: pool checkout, one round trip, check-in (no
+    rollback: there is no transaction). The statement goes straight to the driver's cursor
+    — SQLAlchemy's Connection and execution context cost as much as the rest of
+    ``enqueue`` — and a driver error is raised as SQLAlchemy's ``DBAPIError``, as any
+    other statement's would be."""
+    sql, returning = _statement(engine)
+    error = engine.dialect.loaded_dbapi.Error
+    try:
+        raw = engine.raw_connection()
+    except error as exc:  # cannot connect
+        raise _wrapped(engine, None, exc, None, None) from exc
+    try:
+        cursor = _cursor(raw)
+        try:
+            cursor.execute(sql, values)
+            return int(cursor.fetchone()[0] if returning else cursor.lastrowid)
+        except error as exc:
+            raise _wrapped(engine, raw, exc, sql, values, cursor) from exc
+    finally:
+        raw.close()
+
+
+def _cursor(raw: PoolProxiedConnection) -> Any:
+    """The driver cursor kept with the pooled DBAPI connection (its ``info`` lives as long
+    as that connection and is cleared when it is replaced): one cursor per connection,
+    used by one thread at a time like the connection itself."""
+    cursor = raw.info.get(_CURSOR_KEY)
+    if cursor is None:
+        cursor = raw.info[_CURSOR_KEY] = raw.cursor()
+    return cursor
+
+
+def _statement(engine: Engine) -> tuple[str, bool]:
+    """The INSERT's SQL for this dialect and whether it returns the id as a row."""
+    dialect = engine.dialect
+    key = (dialect.name, dialect.driver)
+    found = _statements.get(key)
+    if found is None:
+        returning = dialect.name == "postgresql"
+        statement = insert(jobs).returning(jobs.c.id) if returning else insert(jobs)
+        sql = str(statement.compile(dialect=dialect, column_keys=list(COLUMNS)))
+        found = _statements[key] = (sql, returning)
+    return found
+
+
+def _wrapped(
+    engine: Engine,
+    raw: PoolProxiedConnection | None,
+    exc: Any,
+    sql: str | None,
+    values: dict[str, Any] | None,
+    cursor: Any = None,
+) -> BaseException:
+    """SQLAlchemy's exception for a driver error; a lost connection is invalidated, and so
+    is the rest of the pool (after a database restart every pooled connection is dead)."""
+    dialect = engine.dialect
+    lost = raw is not None and dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
+    if lost:
+        assert raw is not None
+        raw.invalidate(exc)
+        engine.dispose()
+    wrapped: BaseException = DBAPIError.instance(
+        sql, values, exc, dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=dialect
+    )
+    return wrapped
