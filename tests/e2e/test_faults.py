@@ -457,18 +457,12 @@ class TimedEnqueues(threading.Thread):
             self.took.append(time.monotonic() - started)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "library bug: an enqueue on a blocked broker (disk alarm) takes ~60 s whatever "
-        "publish_timeout says: AmqpPublisher.publish waits for the confirm until pika's "
-        "blocked_connection_timeout (30 s, connect()) closes the connection, then retries "
-        "once on a new connection that is blocked again (another 30 s); every later "
-        "enqueue does the same"
-    ),
-)
+@pytest.mark.parametrize("sync_publish", [False, True], ids=["async", "sync_publish"])
 def test_broker_disk_alarm_blocks_publishers_during_a_run(
-    clusters: MakeCluster, private_broker: brokerctl.PrivateBroker, ledger_path: str
+    clusters: MakeCluster,
+    private_broker: brokerctl.PrivateBroker,
+    ledger_path: str,
+    sync_publish: bool,
 ) -> None:
     """``rabbitmqctl set_disk_free_limit 100000GB`` on a private node while 2 workers drain
     200 jobs: the workers (whose connections do not publish) go on; three enqueues made
@@ -480,7 +474,11 @@ def test_broker_disk_alarm_blocks_publishers_during_a_run(
     backlog = [f"a{i}" for i in range(200)]
     enqueue_many(c, ledger_path, backlog, seconds=0.1)  # about 2.5 s of work
     blocked = TimedEnqueues(
-        c, ledger_path, ["b0", "b1", "b2"], publish_timeout=BLOCKED_PUBLISH_TIMEOUT
+        c,
+        ledger_path,
+        ["b0", "b1", "b2"],
+        publish_timeout=BLOCKED_PUBLISH_TIMEOUT,
+        sync_publish=sync_publish,
     )
     private_broker.ctl("set_disk_free_limit", "100000GB")
     try:

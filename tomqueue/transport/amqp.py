@@ -18,6 +18,7 @@ from pika.exceptions import (
     AMQPChannelError,
     AMQPConnectionError,
     ChannelClosedByBroker,
+    ConnectionBlockedTimeout,
     NackError,
     UnroutableError,
 )
@@ -43,7 +44,9 @@ def connect(config: Config, role: str) -> BlockingConnection:
     if "heartbeat" not in config.amqp_url:
         params.heartbeat = 20
     if "blocked_connection_timeout" not in config.amqp_url:
-        params.blocked_connection_timeout = 30
+        # a broker that blocks publishers (disk or memory alarm) must not hold a caller that
+        # waits for a confirm longer than it would wait for any other confirm
+        params.blocked_connection_timeout = min(30.0, config.publish_timeout)
     params.client_properties = {
         "connection_name": f"tomqueue-{role} {socket.gethostname()} pid:{os.getpid()}"
     }
@@ -162,7 +165,7 @@ class AmqpPublisher:
                     return
                 except (AMQPConnectionError, AMQPChannelError, OSError) as exc:
                     self._reset()
-                    if attempt == 2:
+                    if attempt == 2 or isinstance(exc, ConnectionBlockedTimeout):
                         raise PublishError(
                             f"publishing {len(notes)} notification(s) to "
                             f"{redact_url(self.config.amqp_url)} failed: {type(exc).__name__}"
