@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from tomqueue import failpoints, handler, lifecycle
+from tomqueue import failpoints, handler, lifecycle, tracing
 from tomqueue.aftercommit import after_commit
 from tomqueue.config import QUEUE_NAME_RE, Config, current
 from tomqueue.db import utcnow
@@ -126,7 +127,7 @@ def new_job(request: Request) -> Job:
 # --- layer 4: publish after commit -----------------------------------------------------
 
 
-def notification(job: Job) -> Notification:
+def notification(job: Job, trace: str = "") -> Notification:
     return Notification(
         job_id=job.id,
         version=job.version,
@@ -134,6 +135,7 @@ def notification(job: Job) -> Notification:
         priority=job.priority,
         queue=job.queue,
         kind=handler.handler_kind(job.handler),
+        trace=trace,
     )
 
 
@@ -194,8 +196,16 @@ def enqueue(
         return job
     run_enqueue_hooks(request, job)
     target = session if session is not None else connection
+    if tracing.active():
+        with tracing.enqueue_span(handler.handler_kind(job.handler)):
+            return _store(job, target, config, tracing.current_traceparent())
+    return _store(job, target, config)
+
+
+def _store(job: Job, target: Session | Connection | None, config: Config, trace: str = "") -> Job:
+    """Layers 3 and 4 for one job: persist, then publish after the commit."""
     persist(job, target, config)
-    note = notification(job)
+    note = notification(job, trace)
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "enqueued job %s",
@@ -235,8 +245,10 @@ def enqueue_many(
     if not new:
         return new
     target = session if session is not None else connection
-    persist_many(new, target, config)
-    notes = [notification(job) for job in new]
+    with tracing.enqueue_span(f"{len(new)} jobs") if tracing.active() else nullcontext():
+        persist_many(new, target, config)
+        trace = tracing.current_traceparent() if tracing.active() else ""
+    notes = [notification(job, trace) for job in new]
     if target is None:
         publish(notes, config)
     else:

@@ -24,9 +24,17 @@ except ImportError:  # pragma: no cover - exercised where the package is missing
 TRACER_NAME = "tomqueue"
 
 
+def active() -> bool:
+    """True once the application has set a tracer provider (cheap: checked per enqueue)."""
+    if trace is None:
+        return False
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 @contextmanager
 def enqueue_span(kind: str) -> Iterator[None]:
-    if trace is None:
+    if not active():
         yield
         return
     tracer = trace.get_tracer(TRACER_NAME)
@@ -45,7 +53,7 @@ def current_traceparent() -> str:
 
 @contextmanager
 def perform_span(kind: str, traceparent: str, attributes: dict[str, Any]) -> Iterator[None]:
-    if trace is None:
+    if not active():
         yield
         return
     parent = propagate.extract({"traceparent": traceparent}) if traceparent else None

@@ -494,3 +494,22 @@ def test_an_unroutable_publish_is_retried_not_lost(
     wait_for(lambda: ready_count(config, normal) == 1, 10, "the job in its re-declared queue")
     assert "returned as unroutable" in caplog.text
     wait_for(lambda: running.manager.held_count() == 0, 5, "the ack")
+
+
+def test_a_traceparent_survives_the_manager(
+    config: Config, start: Callable[..., Running], tap: Tap
+) -> None:
+    """OpenTelemetry's context crosses the deferred queue: released notifications carry
+    the traceparent they were held with (and those without one, none)."""
+    traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    start(refresh_interval=60)
+    notes = [
+        Notification(700, 1, utc(0.5), 0, None, "t:Job", traced),
+        Notification(701, 1, utc(0.5), 0, None, "t:Job"),
+    ]
+    publish_notes(config, notes)
+    arrivals = tap.wait(2, timeout=10)
+    carried = {
+        json.loads(body)["delayed_job_id"]: h.get("traceparent") for _t, _k, body, h in arrivals
+    }
+    assert carried == {700: traced, 701: None}

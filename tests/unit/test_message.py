@@ -100,3 +100,21 @@ def test_hostile_headers_are_ignored_not_trusted() -> None:
 def test_deeply_nested_body_raises_message_error() -> None:
     with pytest.raises(MessageError):
         decode(b"[" * 3000)
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_a_traceparent_travels_in_the_headers() -> None:
+    note = Notification(7, 3, datetime(2030, 1, 1), trace=TRACEPARENT)
+    headers = note.headers("normal")
+    assert headers["traceparent"] == TRACEPARENT
+    assert decode(note.encode(), headers).trace == TRACEPARENT
+    assert "traceparent" not in Notification(7, 3, datetime(2030, 1, 1)).headers("normal")
+
+
+@pytest.mark.parametrize("bad", ["", "garbage", TRACEPARENT.upper(), 42, b"\xff", None])
+def test_a_malformed_traceparent_is_ignored(bad: object) -> None:
+    note = Notification(7, 3, datetime(2030, 1, 1))
+    headers = {**note.headers("normal"), "traceparent": bad}
+    assert decode(note.encode(), headers).trace == ""
