@@ -223,3 +223,17 @@ def _fingerprint(value: Any) -> str:
 
     text = f"{type(value).__name__}:{value!r}"
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Spawner:
+    """Enqueues ``children`` Record jobs from inside ``perform`` (jobs that enqueue jobs)."""
+
+    def __init__(self, path: str, marker: str, children: int) -> None:
+        self.path, self.marker, self.children = path, marker, children
+
+    def perform(self) -> None:
+        import tomqueue
+
+        ledger.record(self.path, self.marker)
+        for i in range(self.children):
+            tomqueue.enqueue(Record(self.path, f"{self.marker}.{i}"))

@@ -26,8 +26,8 @@ from tests.conftest import (
     queue_depth,
     run_worker,
 )
-from tests.jobs import Account, Boom, Hooked, Mailer, Record, Urgent
-from tomqueue import Delayed
+from tests.jobs import Account, Boom, Hooked, Mailer, Record, Spawner, Urgent
+from tomqueue import Delayed, failpoints
 from tomqueue.db import get_engine
 from tomqueue.message import decode
 
@@ -216,3 +216,19 @@ def test_min_and_max_priority_limit_what_a_worker_runs(
 
     assert sorted(ledger.markers(ledger_path)) == ["p0", "p5"]
     assert job_count(config) == 2
+
+
+@on_stacks(*AMQP_STACKS)
+def test_exit_on_complete_waits_for_jobs_enqueued_by_jobs(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job enqueues three more; their notifications leave this process's background
+    publisher late (a failpoint holds it 1 s): the worker must not call the queues empty
+    before they are published."""
+    tomqueue.enqueue(Spawner(ledger_path, "parent", 3))
+    tomqueue.flush()
+    monkeypatch.setitem(failpoints._ACTIONS, "publisher.before_send", "sleep:1.0")
+
+    run_worker(stack.config, threads=2, timeout=30)
+
+    assert sorted(ledger.markers(ledger_path)) == ["parent", "parent.0", "parent.1", "parent.2"]

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from tomqueue import failpoints
 from tomqueue.config import Config
 from tomqueue.errors import PublishError
 from tomqueue.message import Notification
@@ -128,6 +129,8 @@ class BackgroundPublisher:
         try:
             while True:
                 entries, stop = self._take(wait)
+                if entries:
+                    failpoints.hit("publisher.before_send")
                 sender.add(entries)
                 if stop:
                     break

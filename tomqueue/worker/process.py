@@ -30,7 +30,7 @@ from tomqueue.db import get_engine
 from tomqueue.errors import BrokerUnavailable, ConfigError, DatabaseUnavailable
 from tomqueue.registry import Heartbeat
 from tomqueue.sweeper import PeriodicSweeper
-from tomqueue.transport import Delivery, make_consumer
+from tomqueue.transport import Delivery, flush_publishers, make_consumer
 from tomqueue.transport.base import Consumer
 from tomqueue.worker.pipeline import Pipeline, urgency
 from tomqueue.worker.work import Context
@@ -188,14 +188,17 @@ class Worker:
                 self._dispatch()
             except (AMQPError, BrokerUnavailable) as exc:
                 self._reconnect(exc)
-            if (
-                self.exit_on_complete
-                and not self._buffer
-                and self.pipeline.idle()
-                and self.consumer.is_drained()
-            ):
+            if self.exit_on_complete and self._completed():
                 log.info("no more jobs: exiting (--exit-on-complete)")
                 break
+
+    def _completed(self) -> bool:
+        """Nothing buffered, running or waiting in our queues — once the jobs this process
+        enqueued (a job may enqueue others) have reached the broker."""
+        if self._buffer or not self.pipeline.idle():
+            return False
+        flush_publishers(self.config.publish_timeout)
+        return self.consumer.is_drained()
 
     def _dispatch(self) -> None:
         """Hand the most urgent buffered deliveries to the free job places. Before starting a
