@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, class_mapper
 
 from tomqueue import failpoints, handler, lifecycle, tracing
 from tomqueue.aftercommit import after_commit
@@ -107,21 +107,36 @@ def run_enqueue_hooks(request: Request, job: Job) -> None:
 # --- layer 3: persist (tomqueue/persist.py) --------------------------------------------
 
 
-def new_job(request: Request) -> Job:
-    now = utcnow()
-    return Job(
-        priority=request.priority,
-        attempts=0,
-        handler=request.handler,
-        run_at=request.run_at,
-        queue=request.queue,
-        created_at=now,
-        updated_at=now,
-        version=1,
-        fence=0,
-        notified_at=now,
-        crashes=0,
-    )
+def new_job(request: Request, now: datetime | None = None, tracked: bool = False) -> Job:
+    """A new, unsaved ``Job``. ``tracked``: it goes into a caller's ``Session``, whose flush
+    must see every value set through the ORM; otherwise the values go straight into the
+    instance (a tenth of the cost; the row is written by our own INSERT)."""
+    now = now or utcnow()
+    values = {
+        "priority": request.priority,
+        "attempts": 0,
+        "handler": request.handler,
+        "run_at": request.run_at,
+        "queue": request.queue,
+        "created_at": now,
+        "updated_at": now,
+        "version": 1,
+        "fence": 0,
+        "notified_at": now,
+        "crashes": 0,
+    }
+    if tracked:
+        return Job(**values)
+    job: Job = _bare_job()
+    job.__dict__.update(values)
+    return job
+
+
+def _bare_job() -> Job:
+    return _JOB_MANAGER.new_instance()
+
+
+_JOB_MANAGER = class_mapper(Job).class_manager
 
 
 # --- layer 4: publish after commit -----------------------------------------------------
@@ -187,7 +202,7 @@ def enqueue(
     """Persist a job and notify workers once it is committed. Returns the job."""
     config = config or current()
     request = validate(payload, priority, run_at, queue, config)
-    job = new_job(request)
+    job = new_job(request, tracked=session is not None)
     if not config.delay_jobs:
         from tomqueue.worker.invoke import run_inline
 
@@ -233,7 +248,8 @@ def enqueue_many(
     together with many confirms in flight. The same rules and hooks apply to each."""
     config = config or current()
     requests = [validate(p, priority, run_at, queue, config) for p in payloads]
-    new = [new_job(r) for r in requests]
+    now = utcnow()
+    new = [new_job(r, now, tracked=session is not None) for r in requests]
     for request, job in zip(requests, new, strict=True):
         run_enqueue_hooks(request, job)
     if not config.delay_jobs:

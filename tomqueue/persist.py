@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, insert
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
@@ -72,10 +73,14 @@ def persist_many(new: list[Job], target: Session | Connection | None, config: Co
         target.add_all(new)
         target.flush()
         return
+    engine = target.engine if target is not None else get_engine(config)
+    if (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg"):
+        for job, job_id in zip(new, _insert_unnest(target, engine, new), strict=True):
+            job.id = job_id
+        return
     rows = [row_values(job) for job in new]
     statement = insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True)
     if target is None:
-        engine = get_engine(config)
         ids = _retrying(
             lambda: _in_transaction(engine, lambda c: c.execute(statement, rows).scalars().all())
         )
@@ -83,6 +88,47 @@ def persist_many(new: list[Job], target: Session | Connection | None, config: Co
         ids = target.execute(statement, rows).scalars().all()
     for job, job_id in zip(new, ids, strict=True):
         job.id = job_id
+
+
+_PG_TYPES = {
+    c.name: c.type.compile(dialect=postgresql.psycopg.dialect())  # type: ignore[no-untyped-call]
+    for c in jobs.columns
+    if c.name != "id"
+}
+
+
+def _insert_unnest(target: Connection | None, engine: Engine, new: list[Job]) -> list[int]:
+    """PostgreSQL: the rows as one array per column (a column whose value is the same in
+    every row as one parameter), ``INSERT ... SELECT ... FROM unnest(...)``. The statement
+    stays short — a multi-row ``VALUES`` with 15 placeholders per row is parsed by the
+    driver on every call, which costs more than the insert — and the ids come back in row
+    order (inserted in ``ORDER BY ord``, numbered in that order by the sequence)."""
+    states = [job.__dict__ for job in new]
+    chosen, arrays = [], []
+    scalars: list[Any] = []
+    for name in COLUMNS:
+        values = [state.get(name) for state in states]
+        first = values[0]
+        if all(v == first and type(v) is type(first) for v in values):
+            chosen.append(f"%s::{_PG_TYPES[name]}")
+            scalars.append(first)
+        else:
+            chosen.append(f"u.{name}")
+            arrays.append((name, values))
+    unnest = ", ".join(f"%s::{_PG_TYPES[name]}[]" for name, _ in arrays)
+    names = ", ".join(name for name, _ in arrays)
+    sql = (
+        f"INSERT INTO delayed_jobs ({', '.join(COLUMNS)}) SELECT {', '.join(chosen)} "
+        f"FROM unnest({unnest}) WITH ORDINALITY AS u({names}, ord) ORDER BY ord RETURNING id"
+    )
+    params = (*scalars, *(values for _, values in arrays))
+
+    def run(conn: Connection) -> list[int]:
+        return sorted(int(row[0]) for row in conn.exec_driver_sql(sql, params))
+
+    if target is not None:
+        return run(target)
+    return _retrying(lambda: _in_transaction(engine, run))
 
 
 def _retrying(work: Callable[[], T]) -> T:

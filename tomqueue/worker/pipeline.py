@@ -32,6 +32,7 @@ from tomqueue.worker.work import Batch, Context, Work
 log = logging.getLogger("tomqueue.worker")
 
 MAX_RECORD_BATCH = 500
+LOCKERS = 2  # while one waits for the database, the other locks the next batch
 
 
 def urgency(delivery: Delivery) -> tuple[int, float]:
@@ -54,7 +55,6 @@ class Pipeline:
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._runnable: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
         self._finished: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
-        self._dispatched: Batch = []
         ctx.watchdog = self.watchdog = Watchdog(ctx, self._attend)
         self._threads: list[threading.Thread] = []
 
@@ -62,7 +62,8 @@ class Pipeline:
 
     def start(self) -> None:
         self.watchdog.start()
-        self._spawn(self._locker, "tomqueue-locker")
+        for _ in range(LOCKERS):
+            self._spawn(self._locker, "tomqueue-locker")
         self._spawn(self._recorder, "tomqueue-recorder")
         for _ in range(self.threads):
             self._spawn(self._job_thread, "tomqueue-job")
@@ -89,7 +90,8 @@ class Pipeline:
 
     def stop(self) -> None:
         """Stop the threads (call when idle; an abandoned job thread runs on alone)."""
-        self._inbox.put(None)
+        for _ in range(LOCKERS):
+            self._inbox.put(None)
         self._finished.put(None)
         for _ in range(self.threads):
             self._runnable.put(None)
@@ -111,7 +113,15 @@ class Pipeline:
             self.ctx.release_connection()
 
     def _lock_batches(self) -> None:
-        descend = stack.descend(self._dispatch)
+        sent: set[Work] = set()
+
+        def dispatch(batch: Batch) -> None:
+            """The bottom of the batch layers: locked jobs go to the job threads."""
+            sent.update(batch)
+            for work in sorted(batch, key=lambda w: urgency(w.delivery)):
+                self._runnable.put(work)
+
+        descend = stack.descend(dispatch)
         while (batch := self._inbox.get()) is not None:
             while not self._inbox.empty():  # whatever else arrived joins this batch
                 more = self._inbox.get()
@@ -119,18 +129,11 @@ class Pipeline:
                     self._inbox.put(None)
                     break
                 batch += more
-            self._dispatched = []
+            sent.clear()
             descend(batch)
-            sent = set(self._dispatched)
             done = [w for w in batch if w not in sent]
             self._send_up([w for w in done if not w.requeued])
             self._release(len(done))
-
-    def _dispatch(self, batch: Batch) -> None:
-        """The bottom of the batch layers: locked jobs go to the job threads."""
-        self._dispatched = batch
-        for work in sorted(batch, key=lambda w: urgency(w.delivery)):
-            self._runnable.put(work)
 
     def _job_thread(self) -> None:
         run = stack.job()
