@@ -14,11 +14,13 @@ once on a fresh one: a statement that failed because its connection was gone did
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, insert
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
@@ -78,6 +80,10 @@ def persist_many(new: list[Job], target: Session | Connection | None, config: Co
         for job, job_id in zip(new, _insert_unnest(target, engine, new), strict=True):
             job.id = job_id
         return
+    if _json_table(engine):
+        for job, job_id in zip(new, _insert_json_table(target, engine, new), strict=True):
+            job.id = job_id
+        return
     rows = [row_values(job) for job in new]
     statement = insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True)
     if target is None:
@@ -129,6 +135,46 @@ def _insert_unnest(target: Connection | None, engine: Engine, new: list[Job]) ->
     if target is not None:
         return run(target)
     return _retrying(lambda: _in_transaction(engine, run))
+
+
+_MARIADB_TYPES = {
+    c.name: ("LONGTEXT" if "TEXT" in t else t)
+    for c in jobs.columns
+    if c.name != "id"
+    for t in [str(c.type.compile(dialect=mysql.dialect()))]
+}
+
+
+def _json_table(engine: Engine) -> bool:
+    dialect = engine.dialect
+    version = getattr(dialect, "server_version_info", None) or ()
+    return bool(getattr(dialect, "is_mariadb", False)) and tuple(version) >= (10, 6)
+
+
+def _insert_json_table(target: Connection | None, engine: Engine, new: list[Job]) -> list[int]:
+    """MariaDB: the rows as one JSON document, ``INSERT ... SELECT ... FROM JSON_TABLE(...)
+    RETURNING id`` — one short statement and one parameter the driver escapes once, not
+    15 per row; the ids come back in row order (``ORDER BY ord``)."""
+    rows = json.dumps([[_json_value(job.__dict__.get(name)) for name in COLUMNS] for job in new])
+    columns = ", ".join(
+        f"{name} {_MARIADB_TYPES[name]} PATH '$[{i}]'" for i, name in enumerate(COLUMNS)
+    )
+    sql = (
+        f"INSERT INTO delayed_jobs ({', '.join(COLUMNS)}) "
+        f"SELECT {', '.join('j.' + name for name in COLUMNS)} FROM JSON_TABLE(%s, '$[*]' "
+        f"COLUMNS (ord FOR ORDINALITY, {columns})) AS j ORDER BY j.ord RETURNING id"
+    )
+
+    def run(conn: Connection) -> list[int]:
+        return sorted(int(row[0]) for row in conn.exec_driver_sql(sql, (rows,)))
+
+    if target is not None:
+        return run(target)
+    return _retrying(lambda: _in_transaction(engine, run))
+
+
+def _json_value(value: Any) -> Any:
+    return value.isoformat(sep=" ") if isinstance(value, datetime) else value
 
 
 def _retrying(work: Callable[[], T]) -> T:
