@@ -3,6 +3,9 @@ confirms on AMQP), the same rules as enqueue, and the caller's transaction respe
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import tomqueue
@@ -10,6 +13,7 @@ from tests import ledger
 from tests.conftest import AMQP_STACKS, Stack, job_count, on_stacks, queue_depth, run_worker
 from tests.jobs import Record
 from tomqueue.db import get_engine
+from tomqueue.schema import Job
 
 
 def test_enqueue_many_persists_in_order_and_every_job_runs_once(
@@ -50,3 +54,27 @@ def test_enqueue_many_keeps_priority_and_queue_rules(stack: Stack, ledger_path: 
         [Record(ledger_path, "a"), Record(ledger_path, "b")], priority=0, queue="mail"
     )
     assert [(j.priority, j.queue) for j in jobs] == [(0, "mail"), (0, "mail")]
+
+
+def test_enqueue_many_stores_every_column_as_given(stack: Stack, ledger_path: str) -> None:
+    """The bulk statements (PostgreSQL: per-column arrays; MariaDB: one JSON document)
+    store what a row-by-row INSERT would: text with 4-byte UTF-8, quotes, backslashes and
+    escapes, per-job priorities and queues, microsecond timestamps, NULLs."""
+    run_at = datetime(2031, 5, 6, 7, 8, 9, 123456)
+    payloads = [
+        Record(ledger_path, "plain"),
+        Record(ledger_path, 'émoji 🎉 "quoted" \\ back\nslash \x01 \u2028'),
+        Record(ledger_path, "x" * 70_000),
+    ]
+    jobs = tomqueue.enqueue_many(payloads, run_at=run_at)
+    jobs += tomqueue.enqueue_many([Record(ledger_path, "p")] * 2, priority=-5, queue="mail")
+    with get_engine(stack.config).connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(Job.__table__))}
+    assert len(rows) == 5
+    for job in jobs:
+        row = rows[job.id]
+        for column in Job.__table__.columns:
+            assert getattr(row, column.name) == getattr(job, column.name), column.name
+    assert [rows[j.id].run_at for j in jobs[:3]] == [run_at] * 3
+    assert [(rows[j.id].priority, rows[j.id].queue) for j in jobs[3:]] == [(-5, "mail")] * 2
+    assert all(rows[j.id].locked_at is None and rows[j.id].last_error is None for j in jobs)
