@@ -60,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--baseline-threads",
         type=int,
-        default=None,
-        help="threads of the Delayed::Job-style worker (default: --threads)",
+        default=Options.baseline_threads,
+        help="threads of the Delayed::Job-style worker (default %(default)s: its best)",
     )
     p.add_argument(
         "--repeat",
@@ -118,7 +118,7 @@ def options_from(args: argparse.Namespace) -> Options:
         mode="quick" if args.quick else "large" if args.large else "default",
         threads=args.threads,
         repeat=max(1, args.repeat),
-        baseline_threads=args.baseline_threads or args.threads,
+        baseline_threads=args.baseline_threads,
         prefix=args.prefix,
         output=args.output,
         profile=args.profile,

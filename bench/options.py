@@ -62,9 +62,9 @@ class Options:
     databases: tuple[str, ...] = DATABASES
     sizes: Sizes = DEFAULT
     mode: str = "default"
-    threads: int = 4
+    threads: int = 128  # ours: job places in flight; no-op jobs want many (see --sweep)
     repeat: int = 1
-    baseline_threads: int = 4
+    baseline_threads: int = 4  # the Delayed::Job-style worker peaks at 2-4 threads
     prefix: str = "bench"
     amqp_url: str = field(default_factory=lambda: url_for("amqp"))
     urls: dict[str, str] = field(default_factory=lambda: {d: url_for(d) for d in DATABASES})
