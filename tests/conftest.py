@@ -383,6 +383,21 @@ def worker_processes() -> Iterator[list[WorkerProcess]]:
         proc.kill()
 
 
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m tomqueue ARGS`` in its own session; bounded by ``timeout``."""
+    return subprocess.run(
+        [sys.executable, "-m", "tomqueue", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
 def wait_until(condition: object, timeout: float, what: str = "", interval: float = 0.05) -> object:
     from tests.ledger import wait_for
 

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT, Stack, WorkerProcess, on_stacks, wait_until, worker_env
+from tests.conftest import (
+    Stack,
+    WorkerProcess,
+    on_stacks,
+    run_cli,
+    wait_until,
+    worker_env,
+)
 
 PASSWORD = "Sup3r-S3cret-pw"
-
-
-def run_cli(
-    *args: str, env: dict[str, str], timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tomqueue", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-    )
 
 
 @on_stacks(("sqlite", "polling"))

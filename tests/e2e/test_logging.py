@@ -16,21 +16,10 @@ from typing import Any
 import pytest
 
 import tomqueue
-from tests.conftest import REPO_ROOT, Stack, on_stacks, wait_until, worker_env
+from tests.conftest import REPO_ROOT, Stack, on_stacks, run_cli, wait_until, worker_env
 from tests.jobs import Boom, Record
 
 STABLE = {"time", "level", "logger", "message", "pid"}
-
-
-def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tomqueue", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -45,7 +34,7 @@ def test_worker_logs_one_json_object_per_line_with_the_stable_keys(
     ok = tomqueue.enqueue(Record(ledger_path, "ok"), queue="mail")
     boom = tomqueue.enqueue(Boom(ledger_path, "boom"), queue="mail")
     argv = ["worker", "--log-format", "json", "--import", "tests.jobs", "--queue", "mail"]
-    done = run(*argv, "--exit-on-complete", env=worker_env(stack.config))
+    done = run_cli(*argv, "--exit-on-complete", env=worker_env(stack.config))
     assert done.returncode == 0, done.stderr
     lines = json_lines(done.stderr)
     assert all(line.keys() >= STABLE for line in lines)
@@ -142,7 +131,7 @@ def test_a_users_logging_config_file_replaces_ours(
     config.write_text(CONFIGS[kind].replace("{log}", str(log)))
     tomqueue.enqueue(Record(ledger_path, "ok"))
     env = worker_env(stack.config, TOMQUEUE_LOG_CONFIG=str(config))
-    done = run("worker", "--import", "tests.jobs", "--exit-on-complete", env=env)
+    done = run_cli("worker", "--import", "tests.jobs", "--exit-on-complete", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "", "our own handler stays out of the way"
     text = log.read_text()
@@ -161,7 +150,7 @@ def test_bad_log_settings_are_named_not_a_traceback(stack: Stack, tmp_path: Path
         ([], {"TOMQUEUE_LOG_CONFIG": str(tmp_path / "missing.ini")}, "no such file"),
         ([], {"TOMQUEUE_LOG_FORMAT": "xml"}, "log format must be one of text, json"),
     ):
-        done = run("status", *args, env=worker_env(stack.config, **env))
+        done = run_cli("status", *args, env=worker_env(stack.config, **env))
         assert done.returncode == 2 and named in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
 

@@ -32,6 +32,7 @@ def test_lost_notifications_are_republished_once_the_queue_is_empty(
     name = f"{config.prefix}.balance.normal"
     for i in range(5):
         tomqueue.enqueue(Record(ledger_path, f"r{i}"))
+    assert tomqueue.flush(30)
     drain_queue(config, name)  # the notifications are lost
     make_quiet(stack)
 
@@ -49,6 +50,7 @@ def test_a_backlog_held_partly_by_a_consumer_gets_no_duplicates(
     name = f"{config.prefix}.balance.normal"
     for i in range(50):
         tomqueue.enqueue(Record(ledger_path, f"b{i}"))
+    assert tomqueue.flush(30)  # enqueue returns before the broker has the notification
     make_quiet(stack)
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     try:
