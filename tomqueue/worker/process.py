@@ -38,6 +38,7 @@ from tomqueue.worker.work import Context
 log = logging.getLogger("tomqueue.worker")
 
 EXIT_OK = 0
+QUIET_BEFORE_EXIT = 0.2  # --exit-on-complete: seconds without a delivery before asking
 EXIT_RESTART = 3  # too many abandoned job threads: a supervisor should start a fresh process
 
 
@@ -89,6 +90,7 @@ class Worker:
         self.sweeper = PeriodicSweeper(config, self.name)
         self.pipeline = Pipeline(self.ctx, threads, self.consumer.wake)
         self._buffer: list[Delivery] = []
+        self._last_arrival = 0.0
         self._signals = 0
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -184,7 +186,10 @@ class Worker:
             free = self.pipeline.free()
             try:
                 wait = 0 if (self._buffer and free > 0) else 0.5
-                self._buffer += self.consumer.poll(wait, max(0, free - len(self._buffer)))
+                arrived = self.consumer.poll(wait, max(0, free - len(self._buffer)))
+                if arrived:
+                    self._buffer += arrived
+                    self._last_arrival = time.monotonic()
                 self._dispatch()
             except (AMQPError, BrokerUnavailable) as exc:
                 self._reconnect(exc)
@@ -197,6 +202,8 @@ class Worker:
         enqueued (a job may enqueue others) have reached the broker."""
         if self._buffer or not self.pipeline.idle():
             return False
+        if time.monotonic() - self._last_arrival < QUIET_BEFORE_EXIT:
+            return False  # still flowing: asking the broker now would only stall the loop
         flush_publishers(self.config.publish_timeout)
         return self.consumer.is_drained()
 
