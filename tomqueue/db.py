@@ -147,6 +147,24 @@ def now_sql(dialect_name: str) -> ColumnElement[datetime]:
     return literal_column(expr, type_=DateTime())
 
 
+_statement_limits: dict[str, int | None] = {}
+STATEMENT_MARGIN = 64 * 1024  # bytes of a statement that are not the handler
+
+
+def statement_limit(config: Config) -> int | None:
+    """The largest statement the database accepts, in bytes (MySQL's
+    ``max_allowed_packet``, read once per process), or None where there is no such limit."""
+    url = config.database_url
+    if url not in _statement_limits:
+        engine = get_engine(config)
+        limit = None
+        if engine.dialect.name in ("mysql", "mariadb"):
+            with engine.connect() as conn:
+                limit = int(conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one())
+        _statement_limits[url] = limit
+    return _statement_limits[url]
+
+
 def now_plus_sql(dialect_name: str, seconds: float) -> ColumnElement[datetime]:
     """``now_sql`` plus a number of seconds, in SQL."""
     from sqlalchemy import DateTime

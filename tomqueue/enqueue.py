@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, class_mapper
 from tomqueue import failpoints, handler, lifecycle, tracing
 from tomqueue.aftercommit import after_commit
 from tomqueue.config import QUEUE_NAME_RE, Config, current
-from tomqueue.db import utcnow
+from tomqueue.db import STATEMENT_MARGIN, statement_limit, utcnow
 from tomqueue.errors import EnqueueError
 from tomqueue.message import Notification
 from tomqueue.persist import persist, persist_many
@@ -69,12 +69,24 @@ def validate(
     if queue == config.default_queue:
         queue = None
     text = handler.dump(payload)
-    if len(text) > MAX_HANDLER_BYTES:
+    if len(text) > MAX_HANDLER_BYTES or len(text) > _database_limit(config):
         raise EnqueueError(
-            f"the handler of {type(payload).__name__} is {len(text)} bytes; "
-            f"the limit is {MAX_HANDLER_BYTES}: store large data elsewhere and pass a key"
+            f"the handler of {type(payload).__name__} is {len(text)} bytes; the limit is "
+            f"{min(MAX_HANDLER_BYTES, _database_limit(config))}{_limit_reason(config)}: "
+            "store large data elsewhere and pass a key"
         )
     return Request(payload, priority, _normalize_time(run_at), queue, text)
+
+
+def _database_limit(config: Config) -> int:
+    packet = statement_limit(config) if config.delay_jobs else None
+    return MAX_HANDLER_BYTES if packet is None else packet - STATEMENT_MARGIN
+
+
+def _limit_reason(config: Config) -> str:
+    if _database_limit(config) < MAX_HANDLER_BYTES:
+        return " (the database's max_allowed_packet less room for the rest of the statement)"
+    return ""
 
 
 def _normalize_time(run_at: Any) -> datetime:

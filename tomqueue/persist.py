@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 
 from tomqueue.config import Config
-from tomqueue.db import get_autocommit_engine, get_engine
+from tomqueue.db import STATEMENT_MARGIN, get_autocommit_engine, get_engine, statement_limit
 from tomqueue.schema import Job, jobs
 
 T = TypeVar("T")
@@ -81,7 +81,8 @@ def persist_many(new: list[Job], target: Session | Connection | None, config: Co
             job.id = job_id
         return
     if _json_table(engine):
-        for job, job_id in zip(new, _insert_json_table(target, engine, new), strict=True):
+        limit = (statement_limit(config) or 0) - STATEMENT_MARGIN
+        for job, job_id in zip(new, _insert_json_table(target, engine, new, limit), strict=True):
             job.id = job_id
         return
     rows = [row_values(job) for job in new]
@@ -151,11 +152,13 @@ def _json_table(engine: Engine) -> bool:
     return bool(getattr(dialect, "is_mariadb", False)) and tuple(version) >= (10, 6)
 
 
-def _insert_json_table(target: Connection | None, engine: Engine, new: list[Job]) -> list[int]:
-    """MariaDB: the rows as one JSON document, ``INSERT ... SELECT ... FROM JSON_TABLE(...)
+def _insert_json_table(
+    target: Connection | None, engine: Engine, new: list[Job], limit: int
+) -> list[int]:
+    """MariaDB: the rows as JSON documents, ``INSERT ... SELECT ... FROM JSON_TABLE(...)
     RETURNING id`` — one short statement and one parameter the driver escapes once, not
-    15 per row; the ids come back in row order (``ORDER BY ord``)."""
-    rows = json.dumps([[_json_value(job.__dict__.get(name)) for name in COLUMNS] for job in new])
+    15 per row; as many statements as ``max_allowed_packet`` (``limit``) requires, in one
+    transaction; the ids come back in row order (``ORDER BY ord``)."""
     columns = ", ".join(
         f"{name} {_MARIADB_TYPES[name]} PATH '$[{i}]'" for i, name in enumerate(COLUMNS)
     )
@@ -164,13 +167,33 @@ def _insert_json_table(target: Connection | None, engine: Engine, new: list[Job]
         f"SELECT {', '.join('j.' + name for name in COLUMNS)} FROM JSON_TABLE(%s, '$[*]' "
         f"COLUMNS (ord FOR ORDINALITY, {columns})) AS j ORDER BY j.ord RETURNING id"
     )
+    documents = _json_documents(new, limit)
 
     def run(conn: Connection) -> list[int]:
-        return sorted(int(row[0]) for row in conn.exec_driver_sql(sql, (rows,)))
+        ids: list[int] = []
+        for document in documents:
+            ids += sorted(int(row[0]) for row in conn.exec_driver_sql(sql, (document,)))
+        return ids
 
     if target is not None:
         return run(target)
     return _retrying(lambda: _in_transaction(engine, run))
+
+
+def _json_documents(new: list[Job], limit: int) -> list[str]:
+    """The rows as JSON arrays of rows, each document under ``limit`` bytes when it can be."""
+    documents: list[str] = []
+    rows: list[str] = []
+    size = 0
+    for job in new:
+        row = json.dumps([_json_value(job.__dict__.get(name)) for name in COLUMNS])
+        if rows and size + len(row) + 1 > limit:
+            documents.append(f"[{','.join(rows)}]")
+            rows, size = [], 0
+        rows.append(row)
+        size += len(row) + 1
+    documents.append(f"[{','.join(rows)}]")
+    return documents
 
 
 def _json_value(value: Any) -> Any:

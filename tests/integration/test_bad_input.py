@@ -34,6 +34,7 @@ from tests.conftest import (
 from tests.jobs import Boom, Echo, Record
 from tomqueue.db import get_engine
 from tomqueue.enqueue import notification
+from tomqueue.errors import EnqueueError
 from tomqueue.message import Notification
 from tomqueue.schema import Job
 
@@ -267,3 +268,55 @@ def test_four_byte_utf8_in_an_error_is_stored_intact(stack: Stack, ledger_path: 
     assert failed.last_error and f"ValueError: {FOUR_BYTE} (astral)" in failed.last_error
     assert sorted(ledger.markers(ledger_path)) == ["astral", "next"]
     assert not worker.counters.get("internal_error")
+
+
+@on_stacks(("mysql", "polling"))
+def test_a_handler_over_the_servers_packet_limit_is_refused_at_enqueue(
+    stack: Stack, ledger_path: str
+) -> None:
+    """MariaDB refuses a statement over ``max_allowed_packet`` by dropping the connection
+    ("server has gone away"): enqueue says so first, in words, and writes nothing."""
+    from tomqueue.db import STATEMENT_MARGIN, statement_limit
+
+    packet = statement_limit(stack.config)
+    assert packet is not None
+    too_big = Record(ledger_path, "x" * (packet - STATEMENT_MARGIN + 100))
+    with pytest.raises(EnqueueError, match="max_allowed_packet"):
+        tomqueue.enqueue(too_big)
+    with pytest.raises(EnqueueError, match="max_allowed_packet"):
+        tomqueue.enqueue_many([Record(ledger_path, "ok"), too_big])
+    assert job_count(stack.config) == 0
+    fits = tomqueue.enqueue(Record(ledger_path, "y" * 1_000_000))
+    assert len(fits.handler) > 1_000_000 and job_count(stack.config) == 1
+
+
+@on_stacks(("mysql", "polling"))
+def test_enqueue_many_splits_its_statement_under_the_packet_limit(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty 30 kB handlers with a 300 kB packet limit: several statements, one transaction,
+    every row stored and the ids in order."""
+    from sqlalchemy import event
+
+    from tomqueue import db
+
+    monkeypatch.setitem(db._statement_limits, stack.config.database_url, 300_000)
+    statements: list[str] = []
+    engine = get_engine(stack.config)
+
+    def count(_conn: object, _cursor: object, sql: str, *_args: object) -> None:
+        if "JSON_TABLE" in sql:
+            statements.append(sql)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        jobs = tomqueue.enqueue_many(
+            [Record(ledger_path, f"{i:02d}" + "z" * 30_000) for i in range(20)]
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(statements) >= 2
+    assert [j.id for j in jobs] == sorted(j.id for j in jobs)
+    with get_engine(stack.config).connect() as conn:
+        stored = dict(conn.execute(select(Job.id, Job.handler)).all())
+    assert [stored[j.id] for j in jobs] == [j.handler for j in jobs]
