@@ -7,10 +7,16 @@ copy is acknowledged, nothing is left in the queue.
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
+import pytest
+
 import tomqueue
 from tests import ledger
 from tests.conftest import (
     AMQP_STACKS,
+    DATABASES,
     Stack,
     WorkerThread,
     declare_topology,
@@ -22,7 +28,12 @@ from tests.conftest import (
     wait_until,
 )
 from tests.jobs import Record, Sleepy
+from tomqueue.db import get_engine
 from tomqueue.enqueue import notification
+from tomqueue.registry import Heartbeat
+from tomqueue.transport.base import Delivery
+from tomqueue.worker import db_lock, hot_sql
+from tomqueue.worker.work import Context, Work
 
 HANDLED = ("succeeded", "skipped_locked", "skipped_missing", "skipped_stale", "skipped_early")
 
@@ -105,3 +116,50 @@ def test_an_early_notification_is_deferred_again_not_run(stack: Stack, ledger_pa
     assert (again.job_id, again.version) == (job.id, job.version)
     assert abs((again.run_at - job.run_at).total_seconds()) < 0.001
     assert queue_depth(config, f"{config.prefix}.balance.normal")[0] == 0
+
+
+@on_stacks(*[(d, "polling") for d in DATABASES])
+def test_two_lockers_of_one_worker_never_both_take_a_job(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's locker threads lock concurrently. A copy of a notification reaching the
+    second locker just after the first locked the job must not be taken again: on MySQL
+    the lock statement reads its rows back by the worker's name, which both share."""
+    config = stack.config
+    job = tomqueue.enqueue(Record(ledger_path, "once"))
+    ctx = Context(config, get_engine(config), None, frozenset({"tests.jobs"}), "locker-test")  # type: ignore[arg-type]
+    Heartbeat(config, ctx.engine, ctx.name, []).register()  # its locks are held, not dead
+    note = notification(job)
+
+    def copy() -> Work:
+        work = Work(ctx, Delivery(note.encode(), "normal"))
+        work.note = note
+        return work
+
+    first, second = copy(), copy()
+    sibling: dict[str, set[Work]] = {}
+    real_lock_plain = hot_sql.lock_plain
+    main = threading.current_thread()
+
+    def lock_then_let_a_sibling_lock(*args: Any) -> Any:
+        rows = real_lock_plain(*args)
+        if threading.current_thread() is main:  # the first locker, its rows just locked
+            thread = threading.Thread(target=lambda: sibling.update(taken=lock(second)))
+            thread.start()
+            thread.join(1.0)  # a sibling free to lock now would finish here
+            threads.append(thread)
+        return rows
+
+    def lock(work: Work) -> set[Work]:
+        try:
+            return db_lock.lock_batch([work])
+        finally:
+            ctx.release_connection()
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(hot_sql, "lock_plain", lock_then_let_a_sibling_lock)
+    assert lock(first) == {first}
+    threads[0].join(10)
+    assert sibling["taken"] == set()
+    assert ctx.running_jobs == {job.id}
+    assert ctx.counters == {"skipped_locked": 1}

@@ -47,7 +47,6 @@ def enter(batch: Batch, call_next: BatchNext) -> None:
     for work in batch:
         if work in taken:
             _load_payload(work)
-            work.ctx.running_jobs.add(work.job.id)  # type: ignore[union-attr]
         else:
             work.stop("not_taken")
     if taken:
@@ -76,11 +75,18 @@ def lock_batch(works: Sequence[Work]) -> set[Work]:
 
     The common case — due, unlocked, unfailed, the message's version — is one statement on
     the thread's own connection (``_lock_plain``). What it did not take goes through the
-    checked path (``_lock_checked``), which finds out why and takes over dead locks."""
-    taken = _lock_plain(works)
-    rest = [w for w in works if w not in taken]
-    if rest:
-        taken |= _lock_checked(rest)
+    checked path (``_lock_checked``), which finds out why and takes over dead locks.
+
+    The jobs taken join ``running_jobs`` before another locker thread of this worker may
+    lock: on MySQL the plain path reads its locks back by the worker's name, and would
+    otherwise also claim a row a sibling locker has just locked (both would run it)."""
+    ctx = works[0].ctx
+    with ctx.locking:
+        taken = _lock_plain(works)
+        rest = [w for w in works if w not in taken]
+        if rest:
+            taken |= _lock_checked(rest)
+        ctx.running_jobs.update(_job_id(w) for w in taken)
     return taken
 
 

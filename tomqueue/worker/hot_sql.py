@@ -30,6 +30,12 @@ _TIMES = {c.name for c in jobs.columns if isinstance(c.type, DateTime)}
 Pairs = Sequence[tuple[int, int]]  # (job id, version or fence)
 
 
+def reads_back(dialect: str) -> bool:
+    """Whether ``lock_plain`` reads its locks back by worker name (no ``UPDATE ...
+    RETURNING``): then one worker's lockers must not lock concurrently."""
+    return dialect not in ("postgresql", "sqlite")
+
+
 def lock_plain(conn: Connection, name: str, pairs: Pairs, tolerance: float) -> list[dict[str, Any]]:
     """Lock what can run at once; returns the locked rows as they are now."""
     dialect = conn.dialect.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from tomqueue.db import HeldConnection
 from tomqueue.message import Notification
 from tomqueue.schema import Job
 from tomqueue.transport.base import Consumer, Delivery
+from tomqueue.worker import hot_sql
 from tomqueue.worker.outcome import Outcome
 
 if TYPE_CHECKING:
@@ -37,8 +39,15 @@ class Context:
     running_jobs: set[int] = field(default_factory=set)
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # held while locking jobs and registering them in running_jobs; a real lock only where
+    # the lock statement reads its rows back by the worker's name (see hot_sql)
+    locking: AbstractContextManager[Any] = field(default_factory=nullcontext)
     watchdog: Watchdog | None = None  # set by the pipeline that runs the jobs
     _held: threading.local = field(default_factory=threading.local)
+
+    def __post_init__(self) -> None:
+        if self.engine is not None and hot_sql.reads_back(self.engine.dialect.name):
+            self.locking = threading.Lock()
 
     def connection(self) -> HeldConnection:
         """This thread's own database connection, kept between batches."""
