@@ -107,7 +107,7 @@ def instrument_worker() -> None:
     patch(db_lock, "_lock", "db_lock._lock (SELECT FOR UPDATE + UPDATE + COMMIT)")
     patch(outcome, "record", "outcome.record (DELETE + COMMIT)")
     patch(amqp.AmqpConsumer, "ack", "consumer.ack (wait for the main thread)")
-    patch(amqp.AmqpConsumer, "has_ready_above", "consumer.has_ready_above (main thread)")
+    patch(amqp.AmqpConsumer, "take_above", "consumer.take_above (main thread)")
     original_start = threading.Thread.start
 
     def start(self: threading.Thread) -> None:

@@ -1,8 +1,8 @@
 """Issue 3 requirement 3, end to end: a real ``tomqueue deferred`` and real workers.
 
 - 5,000 jobs of four priority levels, all due at the same instant and enqueued least urgent
-  first, all run, in priority order (adjacent levels overlap a little where a worker's
-  buffer runs out of the more urgent one), as fast as the workers take them.
+  first, all run, in priority order (adjacent levels overlap by a few jobs, published
+  while a worker was starting the next), as fast as the workers take them.
 - Precision with idle workers: jobs start within 50 ms of ``run_at`` (p50 <= 10 ms), and
   never earlier than the worker's ``run_at_tolerance`` allows. A loaded CI host asserts
   p50 <= 25 ms, p90 <= 50 ms and p99 <= 200 ms; ``TOMQUEUE_TEST_STRICT_TIMING=1`` asserts
@@ -103,14 +103,15 @@ def test_5000_due_at_the_same_instant_all_run_in_priority_order(
         f"last high at #{last_high}, first bulk at #{first_bulk} ({high_after_bulk} high after)"
     )
     assert first >= 0, "a job ran before its run_at"
-    # The manager publishes strictly most urgent first. A worker whose buffer holds no
-    # delivery of a more urgent level starts the next level's job at once (it asks the
-    # broker about more urgent queues at most every 50 ms), so adjacent levels overlap a
-    # little at their boundary: 38-157 of 1,250 measured; the first bulk job came 82 to
-    # 1,300 starts after the last high one. Released in arrival order (bulk first), over
-    # 1,000 bulk jobs started before the first high one.
-    assert inversions <= PER_LEVEL // 4, "not in priority order"
-    assert high_after_bulk <= WORKERS * THREADS, "high jobs waited behind bulk ones"
+    # The manager publishes strictly most urgent first. Before a worker starts a job, it
+    # fetches what is more urgent and still waiting in the broker (a burst fills each
+    # level's prefetch window), so a level overtakes another only within the few
+    # milliseconds between the manager's publish and the worker's fetch: 3-15 inversions
+    # measured (94-445 when workers only asked whether more urgent messages were waiting).
+    # Released in arrival order (bulk first), over 1,000 bulk jobs started before the
+    # first high one.
+    assert inversions <= PER_LEVEL // 20, "not in priority order"
+    assert last_high < first_bulk, "a high job waited behind bulk ones"
 
 
 def test_idle_workers_start_jobs_within_milliseconds_of_run_at(

@@ -29,7 +29,7 @@ log = logging.getLogger("tomqueue.amqp")
 T = TypeVar("T")
 
 DRAIN_SETTLE_SECONDS = 0.05  # for deliveries on their way when the queues look empty
-READY_CHECK_INTERVAL = 0.05  # seconds between two "more urgent messages waiting?" checks
+READY_CHECK_INTERVAL = 0.05  # seconds a more urgent queue found empty is not asked again
 
 
 class AmqpConsumer:
@@ -56,7 +56,7 @@ class AmqpConsumer:
         self._buffer: list[Delivery] = []
         self._generation = 0
         self._cancelled = False
-        self._last_ready_check = 0.0
+        self._found_empty: dict[str, float] = {}  # queue name -> when basic.get found none
         self._acks: list[Delivery] = []
         self._acks_lock = threading.Lock()
 
@@ -101,19 +101,20 @@ class AmqpConsumer:
 
     def _on_message(self, level: str) -> Callable[..., None]:
         def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
-            self._buffer.append(
-                Delivery(
-                    body=body,
-                    level=level,
-                    headers=dict(props.headers or {}),
-                    tag=method.delivery_tag,
-                    received_at=time.monotonic(),
-                    redelivered=bool(method.redelivered),
-                    generation=self._generation,
-                )
-            )
+            self._buffer.append(self._delivery(level, method, props, body))
 
         return on_message
+
+    def _delivery(self, level: str, method: Any, props: Any, body: bytes) -> Delivery:
+        return Delivery(
+            body=body,
+            level=level,
+            headers=dict(props.headers or {}),
+            tag=method.delivery_tag,
+            received_at=time.monotonic(),
+            redelivered=bool(method.redelivered),
+            generation=self._generation,
+        )
 
     def _on_cancel(self, _frame: Any) -> None:
         log.warning(
@@ -137,22 +138,30 @@ class AmqpConsumer:
         out, self._buffer = self._buffer, []
         return out
 
-    def has_ready_above(self, level: str) -> bool:
-        """Asked before starting a less urgent job. Rate-limited: between checks, a more
-        urgent message that becomes ready is pushed to our own consumer at once anyway."""
-        assert self._publish is not None
+    def take_above(self, level: str, limit: int) -> list[Delivery]:
+        """Up to ``limit`` messages of the levels more urgent than ``level`` still waiting in
+        the broker, fetched (``basic.get``) before a ``level`` job starts.
+
+        Each level's consumer holds at most its prefetch window: when a burst fills the more
+        urgent window, the broker sends the next urgent message only after an ack has gone
+        out, while less urgent ones already sit in our buffer. Fetching them is not limited
+        by the window. A queue found empty is not asked again for ``READY_CHECK_INTERVAL``
+        (a message arriving meanwhile is pushed to our consumer anyway)."""
+        assert self._consume is not None
+        out: list[Delivery] = []
         now = time.monotonic()
-        if now - self._last_ready_check < READY_CHECK_INTERVAL:
-            return False
-        self._last_ready_check = now
         for higher in self.levels[: self.levels.index(level)]:
             for queue in self.queue_sets:
-                ok = self._publish.channel.queue_declare(
-                    self.topology.queue_name(queue, higher), passive=True
-                )
-                if ok.method.message_count:
-                    return True
-        return False
+                name = self.topology.queue_name(queue, higher)
+                if now - self._found_empty.get(name, -1.0) < READY_CHECK_INTERVAL:
+                    continue
+                while len(out) < limit:
+                    method, props, body = self._consume.basic_get(name, auto_ack=False)
+                    if method is None:
+                        self._found_empty[name] = now
+                        break
+                    out.append(self._delivery(higher, method, props, body))
+        return out
 
     def is_drained(self) -> bool:
         """No message ready in our queues, and none already sent to us: deliveries the

@@ -59,8 +59,9 @@ class Consumer(Protocol):
     def publish(self, notes: Sequence[Notification]) -> None:
         """Publish with confirms from any thread."""
 
-    def has_ready_above(self, level: str) -> bool:
-        """True if a more urgent level has messages waiting that are on their way to us."""
+    def take_above(self, level: str, limit: int) -> list[Delivery]:
+        """Up to ``limit`` waiting deliveries more urgent than ``level`` that have not been
+        delivered to us yet (main thread only)."""
 
     def is_drained(self) -> bool:
         """True when nothing is waiting for this consumer (for --exit-on-complete)."""

@@ -136,8 +136,8 @@ class PollingConsumer:
                 self._in_flight.add(job_id)
         return out
 
-    def has_ready_above(self, level: str) -> bool:
-        return False  # the poll query is already ordered by priority
+    def take_above(self, level: str, limit: int) -> list[Delivery]:
+        return []  # the poll query is already ordered by priority
 
     def is_drained(self) -> bool:
         return self._drained and not self._in_flight

@@ -208,17 +208,20 @@ class Worker:
         return self.consumer.is_drained()
 
     def _dispatch(self) -> None:
-        """Hand the most urgent buffered deliveries to the free job places. Before starting a
-        less urgent level, a more urgent message already on its way is let in first."""
+        """Hand the most urgent buffered deliveries to the free job places. Messages more
+        urgent than the least urgent job about to start, still waiting in the broker, are
+        fetched first and start in its place (strict priority)."""
         self._requeue_stale()
         free = self.pipeline.free()
         if not self._buffer or free <= 0 or not self.ctx.lease_valid():
             return
         self._buffer.sort(key=urgency)
-        level = self._buffer[0].level
-        if level != LEVELS[0] and self.consumer.has_ready_above(level):
-            self._buffer += self.consumer.poll(0.05, 0)
-            self._buffer.sort(key=urgency)
+        least = self._buffer[min(free, len(self._buffer)) - 1].level
+        if least != LEVELS[0]:
+            more = self.consumer.take_above(least, free)
+            if more:
+                self._buffer += more
+                self._buffer.sort(key=urgency)
         chosen, self._buffer = self._buffer[:free], self._buffer[free:]
         self.pipeline.submit(chosen)
 
