@@ -47,7 +47,7 @@ def read_stamps(path: str | Path) -> list[tuple[float, str]]:
     except FileNotFoundError:
         return []
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n")[:-1]:  # a line still being written is left for later
         when, _, marker = line.partition(" ")
         out.append((float(when), marker))
     return out

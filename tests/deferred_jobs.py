@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tests import ledger
+
 
 def record(path: str, event: str, key: str, job_id: int, attempts: int, when: float) -> None:
     line = f"{event} {key} {job_id} {attempts} {when:.6f} {os.getpid()}\n".encode()
@@ -76,12 +78,8 @@ class Line:
 
 
 def read(path: str | Path) -> list[Line]:
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
     out = []
-    for raw in text.splitlines():
+    for raw in ledger.complete_lines(path):
         event, key, job_id, attempts, when, pid = raw.split(" ")
         out.append(Line(event, key, int(job_id), int(attempts), float(when), int(pid)))
     return out

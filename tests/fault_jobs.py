@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests import ledger
+
 
 def _append(path: str, line: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -142,12 +144,8 @@ class Run:
 
 def runs(path: str | Path) -> list[Run]:
     """Every run in the ledger, in start order."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
     by_id: dict[str, Run] = {}
-    for line in text.splitlines():
+    for line in ledger.complete_lines(path):
         parts = line.split(" ")
         if parts[0] == "start":
             _, marker, run, pid, when, attempts, crashes, job_id = parts

@@ -34,13 +34,19 @@ def record(path: str, marker: str, event: str = "perform") -> None:
         os.close(fd)
 
 
-def read(path: str | Path) -> list[Entry]:
+def complete_lines(path: str | Path) -> list[str]:
+    """The ledger's complete lines ([] if nothing was recorded yet). A line still being
+    written by another process (no newline yet) is left for the next read."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         return []
+    return text.split("\n")[:-1]
+
+
+def read(path: str | Path) -> list[Entry]:
     out = []
-    for line in text.splitlines():
+    for line in complete_lines(path):
         event, marker, pid, thread = line.split(" ", 3)
         out.append(Entry(event, marker, int(pid), thread))
     return out

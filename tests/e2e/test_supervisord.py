@@ -40,6 +40,9 @@ class Supervisor:
             TOMQUEUE_WORKERS="2",
             TOMQUEUE_LOG_DIR=str(log_dir),
         )
+        # the programs run `tomqueue` from PATH: this interpreter's, activated or not
+        bin_dir = str(Path(sys.executable).parent)
+        self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
         self.log_dir = log_dir
         self.proc = subprocess.Popen(
             [_bin("supervisord"), "-c", str(CONF)],
