@@ -6,7 +6,8 @@
   1. deliveries older than 90 % of the refresh interval move to the outbox (refresh);
   2. due entries (most urgent level first, see ``heap``), then the outbox, are published
      with confirms in flight (up to a window): a due entry to ``<prefix>.work`` (its queue
-     set declared first), an entry not yet due (a refresh) to ``<prefix>.work.deferred``;
+     set declared when the first job naming it arrived), an entry not yet due (a refresh)
+     to ``<prefix>.work.deferred``;
   3. confirmed publishes have their original delivery acked; a nack, a return or a missing
      confirm ends the session (``SessionLost``).
 """
@@ -62,6 +63,8 @@ class Holding:
         self.arrivals = Arrivals(refresh_interval / 10)
         self.refresh_age = refresh_interval * 0.9
         self.cancelled = False
+        self.seen_queues: set[str | None] = set()
+        self.undeclared: set[str | None] = set()  # seen, not declared yet in this session
 
     def __len__(self) -> int:
         return len(self.heap) + len(self.outbox)
@@ -71,6 +74,8 @@ class Holding:
         self.outbox.clear()
         self.arrivals.clear()
         self.cancelled = False
+        self.seen_queues.clear()  # a new session declares again what its deliveries name
+        self.undeclared.clear()
 
     # --- receiving (pika dispatch callbacks) ---------------------------------------------
 
@@ -81,6 +86,9 @@ class Holding:
             note = decode(body, props.headers)
             self.topology.routing_key(note.queue, "normal")  # a queue name we can route
             self.heap.push(note, tag)
+            if note.queue not in self.seen_queues:
+                self.seen_queues.add(note.queue)
+                self.undeclared.add(note.queue)
         except (TypeError, ValueError, OverflowError) as exc:  # MessageError, EnqueueError
             self.counters["dropped"] += 1
             log.warning(
@@ -103,6 +111,7 @@ class Holding:
 
     def release(self, session: Session) -> None:
         """One turn: refresh old deliveries, publish what is due, settle confirms."""
+        self.prepare(session)
         last_tag = self.arrivals.pop_older_than(time.monotonic() - self.refresh_age)
         if last_tag is not None:
             self.outbox.extend(self.heap.take_tags_up_to(last_tag))
@@ -115,6 +124,13 @@ class Holding:
             self.send(session, self.outbox.popleft(), now)
             room -= 1
         self.settle(session)
+
+    def prepare(self, session: Session) -> None:
+        """Declare the queue sets of newly seen queue names while their jobs wait, so that
+        releasing a due job costs no declaration round trips. One that cannot be declared
+        is reported when its job is released (``send``)."""
+        while self.undeclared:
+            session.ensure_queue_set(self.undeclared.pop())
 
     def send(self, session: Session, entry: Entry, now: int, action: str = "") -> None:
         """Due: to the work exchange. Not due (refresh, salvage): to the deferred exchange."""

@@ -10,8 +10,8 @@
 
 Everything is declared idempotently when the session opens: the work exchange, and the
 deferred exchange and queue (``declare_deferred`` turns "exists with another type" into a
-``ConfigError``). Queue sets of named Delayed::Job queues are declared before the first
-publish to them.
+``ConfigError``). Queue sets of named Delayed::Job queues are declared when the first job
+naming them arrives (``Holding.prepare``), before it is due.
 """
 
 from __future__ import annotations

@@ -513,3 +513,16 @@ def test_a_traceparent_survives_the_manager(
         json.loads(body)["delayed_job_id"]: h.get("traceparent") for _t, _k, body, h in arrivals
     }
     assert carried == {700: traced, 701: None}
+
+
+def test_a_queue_set_is_declared_when_its_first_job_arrives(
+    config: Config, start: Callable[..., Running]
+) -> None:
+    """Not when the job is due: releasing it then costs no declaration round trips."""
+    queue = Topology.of(config).queue_name(NAMED, "normal")
+    assert ready_count(config, queue) == -1
+    running = start(refresh_interval=600)
+    publish_notes(config, [Notification(7, 1, utc(3600), 0, NAMED, "t:Job")])
+    running.wait_holding(1)
+    wait_for(lambda: ready_count(config, queue) == 0, 5, f"{queue} declared")
+    assert running.manager.held_count() == 1  # still held: an hour ahead
