@@ -181,23 +181,23 @@ def now_plus_sql(dialect_name: str, seconds: float) -> ColumnElement[datetime]:
 
 class HeldConnection:
     """A connection that one long-lived thread keeps for its statements: no pool checkout
-    and no reset round trip per use. On PostgreSQL and MySQL it runs in autocommit mode, so
-    a statement is one round trip, committed when it returns; on SQLite each ``use()`` is
-    one transaction. After an error it is dropped and the next use connects afresh."""
+    and no reset round trip per use. On PostgreSQL and MySQL it comes from the autocommit
+    engine (``get_autocommit_engine``: autocommit is set when the connection is made, not at
+    each checkout), so a statement is one round trip, committed when it returns; on SQLite
+    each ``use()`` is one transaction. After an error it is dropped and the next use
+    connects afresh."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, config: Config) -> None:
+        engine = get_engine(config)
         self.autocommit = engine.dialect.name != "sqlite"
+        self.engine = get_autocommit_engine(config) if self.autocommit else engine
         self._conn: Connection | None = None
 
     @contextmanager
     def use(self) -> Iterator[Connection]:
         conn = self._conn
         if conn is None or conn.closed or conn.invalidated:
-            conn = self.engine.connect()
-            if self.autocommit:
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            self._conn = conn
+            conn = self._conn = self.engine.connect()
         try:
             if self.autocommit:
                 yield conn

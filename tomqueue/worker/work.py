@@ -53,7 +53,7 @@ class Context:
         """This thread's own database connection, kept between batches."""
         held: HeldConnection | None = getattr(self._held, "connection", None)
         if held is None:
-            held = self._held.connection = HeldConnection(self.engine)
+            held = self._held.connection = HeldConnection(self.config)
         return held
 
     def release_connection(self) -> None:

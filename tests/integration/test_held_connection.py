@@ -1,0 +1,33 @@
+"""A worker thread's held connection after the database killed the sessions of its pool:
+the failure is one the outcome writes retry, and the next use connects afresh."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.exc import DBAPIError
+
+from tests.conftest import Stack, on_stacks
+from tests.e2e.faults import dbctl
+from tomqueue.db import HeldConnection, get_autocommit_engine
+from tomqueue.worker import outcome
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_a_killed_pooled_connection_fails_as_a_transient_error(stack: Stack) -> None:
+    config = stack.config
+    pooled = get_autocommit_engine(config).connect()
+    pooled.exec_driver_sql("SELECT 1")
+    pooled.close()  # idle in the pool, where the next use will find it
+    assert dbctl.kill_sessions(config) >= 1
+
+    held = HeldConnection(config)
+    try:
+        with held.use() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except Exception as exc:  # what record_batch retries: a connection error, wrapped
+        assert isinstance(exc, DBAPIError) and outcome._transient(exc), repr(exc)
+    else:
+        pytest.fail("the killed connection was used without an error")
+    with held.use() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    held.close()
