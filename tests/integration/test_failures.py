@@ -10,15 +10,19 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 import tomqueue
 from tests import ledger
 from tests.conftest import (
     AMQP_STACKS,
+    DATABASES,
     Stack,
     all_queue_names,
     declare_topology,
@@ -30,8 +34,14 @@ from tests.conftest import (
 )
 from tests.jobs import Boom, Record
 from tomqueue.db import db_now, get_engine
-from tomqueue.message import decode
+from tomqueue.enqueue import notification
+from tomqueue.message import Notification, decode
+from tomqueue.registry import Heartbeat
 from tomqueue.schema import Job
+from tomqueue.transport.base import Delivery
+from tomqueue.worker import db_lock, outcome
+from tomqueue.worker.outcome import Retry, Succeeded
+from tomqueue.worker.work import Context, Work
 
 
 def load(config: tomqueue.Config, job_id: int) -> Job | None:
@@ -172,3 +182,54 @@ def test_payload_destroy_false_overrides_config(stack: Stack, ledger_path: str) 
 
     row = load(config, job.id)
     assert row is not None and row.failed_at is not None
+
+
+@on_stacks(*[(d, "polling") for d in DATABASES])
+def test_an_outcome_that_could_not_be_written_is_written_later(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database stayed unreachable through the outcome's retries: the job stays locked
+    by this worker (never run again meanwhile) and its outcome is written before the next
+    batch's, with its follow-up notification published then."""
+    config = stack.config
+    done = tomqueue.enqueue(Record(ledger_path, "done"))
+    failing = tomqueue.enqueue(Record(ledger_path, "failing"))
+    published: list[Notification] = []
+    consumer = SimpleNamespace(publish=published.extend)
+    ctx = Context(config, get_engine(config), consumer, frozenset({"tests.jobs"}), "late-test")  # type: ignore[arg-type]
+    Heartbeat(config, ctx.engine, ctx.name, []).register()
+
+    def locked(job: Any) -> Work:
+        work = Work(ctx, Delivery(b"", "normal"))
+        work.note = notification(job)
+        assert db_lock.lock_batch([work]) == {work}
+        return work
+
+    first, second = locked(done), locked(failing)
+    first.outcome = Succeeded()
+    retry_at = datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=1)
+    second.outcome = Retry("Boom: failed", retry_at)
+    real_record = outcome.record_batch
+
+    def unreachable(works: Any) -> Any:
+        raise OperationalError("UPDATE", {}, Exception("server has gone away (injected)"))
+
+    monkeypatch.setattr(outcome, "record_batch", unreachable)
+    with pytest.raises(OperationalError):
+        db_lock.leave([first, second], lambda batch: None)
+    assert ctx.running_jobs == {done.id, failing.id}  # still ours: locked, not run again
+    copy = Work(ctx, Delivery(b"", "normal"))  # the given-back delivery, redelivered
+    copy.note = notification(done)
+    assert db_lock.lock_batch([copy]) == set()
+
+    monkeypatch.setattr(outcome, "record_batch", real_record)
+    later = Work(ctx, Delivery(b"", "normal"))  # the next batch: a job that was not taken
+    db_lock.leave([later], lambda batch: None)
+    ctx.release_connection()
+
+    assert ctx.unrecorded == [] and ctx.running_jobs == set()
+    with get_engine(config).connect() as conn:
+        left = {row.id: row for row in conn.execute(select(Job))}
+    assert done.id not in left  # success: deleted
+    assert left[failing.id].attempts == 1 and left[failing.id].locked_by is None
+    assert [(n.job_id, n.version) for n in published] == [(failing.id, failing.version + 1)]

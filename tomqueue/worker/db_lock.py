@@ -30,7 +30,7 @@ from tomqueue.leases import holder_alive
 from tomqueue.message import Notification
 from tomqueue.schema import Job, jobs
 from tomqueue.worker import hot_sql, outcome
-from tomqueue.worker.work import Batch, BatchNext, Work
+from tomqueue.worker.work import Batch, BatchNext, Context, Work
 
 log = logging.getLogger("tomqueue.worker")
 
@@ -54,14 +54,61 @@ def enter(batch: Batch, call_next: BatchNext) -> None:
 
 
 def leave(batch: Batch, call_next: BatchNext) -> None:
-    """Record the outcomes of the jobs that ran (fenced, one transaction)."""
+    """Record the outcomes of the jobs that ran (fenced, one transaction). Outcomes that
+    could not be written (the database stayed unreachable through the retries) are kept
+    and written before the next batch's: the job stays locked by this worker meanwhile."""
     ran = [w for w in batch if w.job is not None and w.outcome is not None]
+    if batch:
+        record_late(batch[0].ctx)
     if ran:
-        for work, follow_ups in zip(ran, outcome.record_batch(ran), strict=True):
+        ctx = ran[0].ctx
+        try:
+            recorded = outcome.record_batch(ran)
+        except Exception:
+            with ctx.lock:
+                ctx.unrecorded.extend(ran)
+            raise
+        for work, follow_ups in zip(ran, recorded, strict=True):
             work.follow_ups.extend(follow_ups)
-            work.ctx.running_jobs.discard(work.job.id)  # type: ignore[union-attr]
+            ctx.running_jobs.discard(work.job.id)  # type: ignore[union-attr]
         failpoints.hit("worker.after_record")
     call_next(batch)
+
+
+def record_late(ctx: Context) -> None:
+    """Write the outcomes kept after a failed recording; publish their follow-ups (their
+    deliveries were given back long ago)."""
+    with ctx.lock:
+        pending, ctx.unrecorded = ctx.unrecorded, []
+    if not pending:
+        return
+    try:
+        recorded = outcome.record_batch(pending)
+    except Exception as exc:
+        with ctx.lock:
+            ctx.unrecorded[:0] = pending
+        log.warning(
+            "%d outcome(s) still cannot be written (%s); their jobs stay locked",
+            len(pending),
+            type(exc).__name__,
+            extra={"action": "outcome_pending", "jobs": len(pending)},
+        )
+        return
+    for work in pending:
+        ctx.running_jobs.discard(work.job.id)  # type: ignore[union-attr]
+    log.info(
+        "wrote %d outcome(s) kept since an earlier failure",
+        len(pending),
+        extra={"action": "outcome_late", "jobs": len(pending)},
+    )
+    try:
+        ctx.consumer.publish([note for follow_ups in recorded for note in follow_ups])
+    except Exception as exc:  # the sweeper delivers a due retry whose notice was lost
+        log.warning(
+            "follow-up notifications of late outcomes not published: %s",
+            exc,
+            extra={"action": "publish_failed"},
+        )
 
 
 def _retry_soon(work: Work) -> Notification:

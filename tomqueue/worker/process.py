@@ -32,6 +32,7 @@ from tomqueue.registry import Heartbeat
 from tomqueue.sweeper import PeriodicSweeper
 from tomqueue.transport import Delivery, flush_publishers, make_consumer
 from tomqueue.transport.base import Consumer
+from tomqueue.worker import db_lock
 from tomqueue.worker.pipeline import Pipeline, urgency
 from tomqueue.worker.work import Context
 
@@ -256,8 +257,27 @@ class Worker:
                 self.consumer.poll(0.1, 0)
             except (AMQPError, BrokerUnavailable):
                 time.sleep(0.1)
+        self._record_late()
         self.pipeline.stop()
         self.consumer.close()
+
+    def _record_late(self) -> None:
+        """A last try at outcomes that could not be written; what is still unwritten is run
+        again after this worker's lease expires (counted as a crash)."""
+        if not self.ctx.unrecorded:
+            return
+        try:
+            db_lock.record_late(self.ctx)
+        finally:
+            self.ctx.release_connection()
+        if self.ctx.unrecorded:
+            log.error(
+                "exiting with %d outcome(s) unwritten (jobs %s); they run again once this "
+                "worker's lease expires",
+                len(self.ctx.unrecorded),
+                sorted(w.job.id for w in self.ctx.unrecorded if w.job is not None),
+                extra={"action": "outcome_lost"},
+            )
 
     def _needs_restart(self) -> bool:
         return self.ctx.abandoned_threads > self.threads

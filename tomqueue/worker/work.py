@@ -36,7 +36,8 @@ class Context:
     stop_deadline: float | None = None
     abandoned_threads: int = 0
     lease_valid: Callable[[], bool] = lambda: True
-    running_jobs: set[int] = field(default_factory=set)
+    running_jobs: set[int] = field(default_factory=set)  # locked by us: running, or unrecorded
+    unrecorded: list[Work] = field(default_factory=list)  # outcomes not written yet (db_lock)
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     # held while locking jobs and registering them in running_jobs; a real lock only where
