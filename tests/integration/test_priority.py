@@ -80,9 +80,9 @@ def _bodies(deliveries: list[Delivery]) -> list[bytes]:
 
 
 @contextmanager
-def window_full(config: Config) -> Iterator[AmqpConsumer]:
-    """A started consumer (a window of 3 per level) holding 3 high and 3 normal
-    deliveries, with high-4..high-6 still waiting in the broker."""
+def window_full(config: Config) -> Iterator[tuple[AmqpConsumer, list[Delivery]]]:
+    """A started consumer (a window of 3 per level) and the 3 high and 3 normal deliveries
+    it holds, with high-4..high-6 still waiting in the broker."""
     declare_topology(config)
     for i in range(6):
         publish_raw(config, f"high-{i + 1}".encode(), routing_key="balance.high")
@@ -95,7 +95,7 @@ def window_full(config: Config) -> Iterator[AmqpConsumer]:
         assert sorted(_bodies(held)) == [
             f"{lv}-{i}".encode() for lv in LEVELS[:2] for i in (1, 2, 3)
         ]
-        yield consumer
+        yield consumer, held
     finally:
         consumer.close()
 
@@ -104,7 +104,7 @@ def window_full(config: Config) -> Iterator[AmqpConsumer]:
 def test_more_urgent_messages_beyond_the_window_are_fetched(stack: Stack) -> None:
     """Before a normal job starts, the highs the full window kept in the broker are taken."""
     config = stack.config.replace(read_ahead=1)
-    with window_full(config) as consumer:
+    with window_full(config) as (consumer, _):
         assert consumer.take_above("high", 10) == []  # nothing is more urgent than high
         fetched = consumer.take_above("normal", 2)
         assert _bodies(fetched) == [b"high-4", b"high-5"]  # no more than asked for
@@ -124,10 +124,31 @@ def test_a_more_urgent_queue_found_empty_rests(
     """A queue found empty is not asked again for READY_CHECK_INTERVAL: one basic.get per
     interval, not one per job started."""
     config = stack.config.replace(read_ahead=1)
-    with window_full(config) as consumer:
+    with window_full(config) as (consumer, _):
         assert len(consumer.take_above("normal", 10)) == 3  # and high is found empty
         publish_raw(config, b"high-7", routing_key="balance.high")  # the window is full
         monkeypatch.setattr(amqp_consumer, "READY_CHECK_INTERVAL", 3600.0)
         assert consumer.take_above("normal", 10) == []
         monkeypatch.setattr(amqp_consumer, "READY_CHECK_INTERVAL", 0.0)
         assert _bodies(consumer.take_above("normal", 10)) == [b"high-7"]
+
+
+@on_stacks(("sqlite", "amqp"))
+def test_a_resting_queue_is_asked_again_once_it_pushes_a_message(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst still being published: the more urgent queue was found empty a moment ago,
+    but a message of it pushed to us shows it is filling again; it is asked at once."""
+    config = stack.config.replace(read_ahead=1)
+    monkeypatch.setattr(amqp_consumer, "READY_CHECK_INTERVAL", 3600.0)
+    with window_full(config) as (consumer, pushed):
+        fetched = consumer.take_above("normal", 10)
+        assert _bodies(fetched) == [b"high-4", b"high-5", b"high-6"]  # high is found empty
+        publish_raw(config, b"high-7", routing_key="balance.high")
+        publish_raw(config, b"high-8", routing_key="balance.high")
+        assert consumer.take_above("normal", 10) == []  # resting
+        consumer.ack_many([d for d in pushed if d.body == b"high-1"])  # room in its window
+        more: list[Delivery] = []
+        wait_until(lambda: more.extend(consumer.poll(0.1, 0)) or more, 10, "high-7 pushed")
+        assert _bodies(more) == [b"high-7"]
+        assert _bodies(consumer.take_above("normal", 10)) == [b"high-8"]

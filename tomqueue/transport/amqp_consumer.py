@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -95,12 +96,12 @@ class AmqpConsumer:
             declare_work(self._consume, self.topology, queue)
         for level in self.levels:  # most urgent first
             for queue in self.queue_sets:
-                self._consume.basic_consume(
-                    self.topology.queue_name(queue, level), self._on_message(level)
-                )
+                name = self.topology.queue_name(queue, level)
+                self._consume.basic_consume(name, self._on_message(level, name))
 
-    def _on_message(self, level: str) -> Callable[..., None]:
+    def _on_message(self, level: str, name: str) -> Callable[..., None]:
         def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+            self._found_empty.pop(name, None)  # it holds messages again: ask it again
             self._buffer.append(self._delivery(level, method, props, body))
 
         return on_message
@@ -145,15 +146,16 @@ class AmqpConsumer:
         Each level's consumer holds at most its prefetch window: when a burst fills the more
         urgent window, the broker sends the next urgent message only after an ack has gone
         out, while less urgent ones already sit in our buffer. Fetching them is not limited
-        by the window. A queue found empty is not asked again for ``READY_CHECK_INTERVAL``
-        (a message arriving meanwhile is pushed to our consumer anyway)."""
+        by the window. A queue found empty is not asked again for ``READY_CHECK_INTERVAL``,
+        unless the broker pushes us one of its messages meanwhile (it is filling again: a
+        burst being published)."""
         assert self._consume is not None
         out: list[Delivery] = []
         now = time.monotonic()
         for higher in self.levels[: self.levels.index(level)]:
             for queue in self.queue_sets:
                 name = self.topology.queue_name(queue, higher)
-                if now - self._found_empty.get(name, -1.0) < READY_CHECK_INTERVAL:
+                if now - self._found_empty.get(name, -math.inf) < READY_CHECK_INTERVAL:
                     continue
                 while len(out) < limit:
                     method, props, body = self._consume.basic_get(name, auto_ack=False)
