@@ -33,7 +33,7 @@ from tomqueue import Delayed
 from tomqueue.config import Config
 from tomqueue.db import dispose_engines
 from tomqueue.topology import Topology
-from tomqueue.transport import close_publishers
+from tomqueue.transport import close_publishers, flush_publishers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -206,7 +206,11 @@ def report(label: str, lateness: list[float]) -> tuple[float, float]:
 
 
 def deferred_ready(config: Config) -> int:
+    """Messages ready in the deferred queue, once every notification this process handed
+    to its background publisher has reached the broker (``enqueue`` returns before that:
+    an empty queue would otherwise not mean "all held by the manager")."""
     assert config.amqp_url
+    assert flush_publishers(10), "this test's notifications were not confirmed within 10 s"
     connection = pika.BlockingConnection(pika.URLParameters(config.amqp_url))
     try:
         queue = Topology.of(config).deferred_queue
