@@ -152,3 +152,26 @@ def test_a_resting_queue_is_asked_again_once_it_pushes_a_message(
         wait_until(lambda: more.extend(consumer.poll(0.1, 0)) or more, 10, "high-7 pushed")
         assert _bodies(more) == [b"high-7"]
         assert _bodies(consumer.take_above("normal", 10)) == [b"high-8"]
+
+
+@on_stacks(("sqlite", "amqp"))
+def test_a_more_urgent_queue_with_room_in_its_window_is_not_asked(stack: Stack) -> None:
+    """Its messages are pushed to us anyway: an ordinary dispatch costs no round trip."""
+    config = stack.config.replace(read_ahead=1)
+    declare_topology(config)
+    publish_raw(config, b"high-1", routing_key="balance.high")
+    publish_raw(config, b"normal-1")
+    consumer = AmqpConsumer(config, [None], prefetch=1)  # a window of 3 per level
+    consumer.start()
+    try:
+        held: list[Delivery] = []
+        wait_until(lambda: held.extend(consumer.poll(0.1, 0)) or len(held) == 2, 10, "2 held")
+        assert consumer._consume is not None
+
+        def no_round_trip(*_args: object, **_kwargs: object) -> None:
+            raise AssertionError("basic.get on a queue whose window has room")
+
+        consumer._consume.basic_get = no_round_trip  # type: ignore[method-assign]
+        assert consumer.take_above("normal", 10) == []
+    finally:
+        consumer.close()

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -58,6 +59,8 @@ class AmqpConsumer:
         self._generation = 0
         self._cancelled = False
         self._found_empty: dict[str, float] = {}  # queue name -> when basic.get found none
+        self._unsettled: Counter[str] = Counter()  # queue name -> pushed, not acked/nacked
+        self._last_settled: dict[str, float] = {}  # queue name -> when one was acked/nacked
         self._acks: list[Delivery] = []
         self._acks_lock = threading.Lock()
 
@@ -67,6 +70,8 @@ class AmqpConsumer:
         self._owner = threading.get_ident()
         self._connection = connect(self.config, "worker")
         self._generation += 1
+        self._unsettled.clear()  # the old channel's deliveries went back to the broker
+        self._last_settled.clear()
         with self._acks_lock:
             self._acks = []  # tags of the old channel mean nothing on the new one
         try:
@@ -102,11 +107,14 @@ class AmqpConsumer:
     def _on_message(self, level: str, name: str) -> Callable[..., None]:
         def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
             self._found_empty.pop(name, None)  # it holds messages again: ask it again
-            self._buffer.append(self._delivery(level, method, props, body))
+            self._unsettled[name] += 1
+            self._buffer.append(self._delivery(level, method, props, body, name))
 
         return on_message
 
-    def _delivery(self, level: str, method: Any, props: Any, body: bytes) -> Delivery:
+    def _delivery(
+        self, level: str, method: Any, props: Any, body: bytes, source: str = ""
+    ) -> Delivery:
         return Delivery(
             body=body,
             level=level,
@@ -115,6 +123,7 @@ class AmqpConsumer:
             received_at=time.monotonic(),
             redelivered=bool(method.redelivered),
             generation=self._generation,
+            source=source,
         )
 
     def _on_cancel(self, _frame: Any) -> None:
@@ -146,15 +155,19 @@ class AmqpConsumer:
         Each level's consumer holds at most its prefetch window: when a burst fills the more
         urgent window, the broker sends the next urgent message only after an ack has gone
         out, while less urgent ones already sit in our buffer. Fetching them is not limited
-        by the window. A queue found empty is not asked again for ``READY_CHECK_INTERVAL``,
-        unless the broker pushes us one of its messages meanwhile (it is filling again: a
-        burst being published)."""
+        by the window. A queue whose window has room (and has had it for a moment) is not
+        asked: what it holds is on its way to us already, so an ordinary dispatch costs no
+        round trip. A queue found empty is
+        not asked again for ``READY_CHECK_INTERVAL``, unless the broker pushes us one of
+        its messages meanwhile (it is filling again: a burst being published)."""
         assert self._consume is not None
         out: list[Delivery] = []
         now = time.monotonic()
         for higher in self.levels[: self.levels.index(level)]:
             for queue in self.queue_sets:
                 name = self.topology.queue_name(queue, higher)
+                if self._window_has_room(name, now):
+                    continue
                 if now - self._found_empty.get(name, -math.inf) < READY_CHECK_INTERVAL:
                     continue
                 while len(out) < limit:
@@ -164,6 +177,13 @@ class AmqpConsumer:
                         break
                     out.append(self._delivery(higher, method, props, body))
         return out
+
+    def _window_has_room(self, name: str, now: float) -> bool:
+        """Room in the queue's window, and not just made by an ack: the broker has been
+        free to push us what the queue holds (after an ack, the next message is still on
+        its way: the queue is asked)."""
+        settled = self._last_settled.get(name, -math.inf)
+        return self._unsettled[name] < self.prefetch and now - settled > READY_CHECK_INTERVAL
 
     def is_drained(self) -> bool:
         """No message ready in our queues, and none already sent to us: deliveries the
@@ -235,11 +255,18 @@ class AmqpConsumer:
         for delivery in acks:
             if delivery.generation == self._generation:
                 channel._impl.basic_ack(delivery.tag)
+                self._settled(delivery)
+
+    def _settled(self, delivery: Delivery) -> None:
+        if delivery.source:
+            self._unsettled[delivery.source] -= 1
+            self._last_settled[delivery.source] = time.monotonic()
 
     def requeue(self, delivery: Delivery) -> None:
         def nack() -> None:
             if delivery.generation == self._generation and self._consume is not None:
                 self._consume.basic_nack(delivery.tag, requeue=True)
+                self._settled(delivery)
 
         if delivery.claim_ack():
             self._call(nack)

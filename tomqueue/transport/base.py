@@ -21,6 +21,7 @@ class Delivery:
     received_at: float = 0.0
     generation: int = 0  # the channel generation the tag belongs to
     redelivered: bool = False
+    source: str = ""  # the queue whose consumer pushed it ("": fetched with basic.get)
     _acked: bool = False
     _ack_lock: threading.Lock = field(default_factory=threading.Lock)
 
