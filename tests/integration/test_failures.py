@@ -31,6 +31,7 @@ from tests.conftest import (
     on_stacks,
     queue_depth,
     run_worker,
+    wait_until,
 )
 from tests.jobs import Boom, Record
 from tomqueue.db import db_now, get_engine
@@ -39,7 +40,7 @@ from tomqueue.message import Notification, decode
 from tomqueue.registry import Heartbeat
 from tomqueue.schema import Job
 from tomqueue.transport.base import Delivery
-from tomqueue.worker import db_lock, outcome
+from tomqueue.worker import db_lock, outcome, pipeline
 from tomqueue.worker.outcome import Retry, Succeeded
 from tomqueue.worker.work import Context, Work
 
@@ -184,52 +185,81 @@ def test_payload_destroy_false_overrides_config(stack: Stack, ledger_path: str) 
     assert row is not None and row.failed_at is not None
 
 
-@on_stacks(*[(d, "polling") for d in DATABASES])
-def test_an_outcome_that_could_not_be_written_is_written_later(
-    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The database stayed unreachable through the outcome's retries: the job stays locked
-    by this worker (never run again meanwhile) and its outcome is written before the next
-    batch's, with its follow-up notification published then."""
-    config = stack.config
+Kept = tuple[Context, Any, Any, list[Notification]]
+
+
+def kept_outcomes(config: tomqueue.Config, ledger_path: str, mp: pytest.MonkeyPatch) -> Kept:
+    """Two jobs locked by a worker, one succeeded and one to retry in an hour, whose
+    outcomes could not be written (the database stayed unreachable through the retries)."""
     done = tomqueue.enqueue(Record(ledger_path, "done"))
     failing = tomqueue.enqueue(Record(ledger_path, "failing"))
     published: list[Notification] = []
     consumer = SimpleNamespace(publish=published.extend)
-    ctx = Context(config, get_engine(config), consumer, frozenset({"tests.jobs"}), "late-test")  # type: ignore[arg-type]
+    ctx = Context(config, get_engine(config), consumer, frozenset({"tests.jobs"}), "late-test")
     Heartbeat(config, ctx.engine, ctx.name, []).register()
-
-    def locked(job: Any) -> Work:
-        work = Work(ctx, Delivery(b"", "normal"))
-        work.note = notification(job)
-        assert db_lock.lock_batch([work]) == {work}
-        return work
-
-    first, second = locked(done), locked(failing)
+    first, second = locked(ctx, done), locked(ctx, failing)
     first.outcome = Succeeded()
     retry_at = datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=1)
     second.outcome = Retry("Boom: failed", retry_at)
-    real_record = outcome.record_batch
 
     def unreachable(works: Any) -> Any:
         raise OperationalError("UPDATE", {}, Exception("server has gone away (injected)"))
 
-    monkeypatch.setattr(outcome, "record_batch", unreachable)
-    with pytest.raises(OperationalError):
-        db_lock.leave([first, second], lambda batch: None)
-    assert ctx.running_jobs == {done.id, failing.id}  # still ours: locked, not run again
-    copy = Work(ctx, Delivery(b"", "normal"))  # the given-back delivery, redelivered
-    copy.note = notification(done)
-    assert db_lock.lock_batch([copy]) == set()
-
-    monkeypatch.setattr(outcome, "record_batch", real_record)
-    later = Work(ctx, Delivery(b"", "normal"))  # the next batch: a job that was not taken
-    db_lock.leave([later], lambda batch: None)
+    with mp.context() as patched:
+        patched.setattr(outcome, "record_batch", unreachable)
+        with pytest.raises(OperationalError):
+            db_lock.leave([first, second], lambda batch: None)
     ctx.release_connection()
+    assert len(ctx.unrecorded) == 2
+    assert ctx.running_jobs == {done.id, failing.id}  # still ours: locked, not run again
+    return ctx, done, failing, published
 
+
+def locked(ctx: Context, job: Any) -> Work:
+    work = Work(ctx, Delivery(b"", "normal"))
+    work.note = notification(job)
+    assert db_lock.lock_batch([work]) == {work}
+    return work
+
+
+def assert_written(kept: Kept) -> None:
+    ctx, done, failing, published = kept
     assert ctx.unrecorded == [] and ctx.running_jobs == set()
-    with get_engine(config).connect() as conn:
+    with get_engine(ctx.config).connect() as conn:
         left = {row.id: row for row in conn.execute(select(Job))}
     assert done.id not in left  # success: deleted
     assert left[failing.id].attempts == 1 and left[failing.id].locked_by is None
     assert [(n.job_id, n.version) for n in published] == [(failing.id, failing.version + 1)]
+
+
+@on_stacks(*[(d, "polling") for d in DATABASES])
+def test_an_outcome_that_could_not_be_written_is_written_with_the_next_batch(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job stays locked by this worker (a redelivered copy is not taken) and its
+    outcome is written before the next batch's, its follow-up notification published then."""
+    kept = kept_outcomes(stack.config, ledger_path, monkeypatch)
+    ctx, done = kept[0], kept[1]
+    copy = Work(ctx, Delivery(b"", "normal"))  # the given-back delivery, redelivered
+    copy.note = notification(done)
+    assert db_lock.lock_batch([copy]) == set()
+
+    later = Work(ctx, Delivery(b"", "normal"))  # the next batch: a job that was not taken
+    db_lock.leave([later], lambda batch: None)
+    ctx.release_connection()
+    assert_written(kept)
+
+
+@on_stacks(*[(d, "polling") for d in DATABASES])
+def test_an_idle_worker_writes_a_kept_outcome_without_waiting_for_a_job(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = kept_outcomes(stack.config, ledger_path, monkeypatch)
+    monkeypatch.setattr(pipeline, "LATE_RETRY_SECONDS", 0.05)
+    line = pipeline.Pipeline(kept[0], 1, lambda: None)
+    line.start()
+    try:
+        wait_until(lambda: not kept[0].unrecorded, 10, "the kept outcomes to be written")
+    finally:
+        line.stop()
+    assert_written(kept)

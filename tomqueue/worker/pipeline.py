@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from tomqueue.config import LEVELS
 from tomqueue.transport.base import Delivery
-from tomqueue.worker import stack, timeout
+from tomqueue.worker import db_lock, stack, timeout
 from tomqueue.worker.outcome import Released
 from tomqueue.worker.watchdog import Slot, Watchdog
 from tomqueue.worker.work import Batch, Context, Work
@@ -32,6 +32,7 @@ from tomqueue.worker.work import Batch, Context, Work
 log = logging.getLogger("tomqueue.worker")
 
 MAX_RECORD_BATCH = 500
+LATE_RETRY_SECONDS = 5.0  # an idle recorder's retries of outcomes it could not write
 LOCKERS = 2  # while one waits for the database, the other locks the next batch
 
 
@@ -170,7 +171,7 @@ class Pipeline:
 
     def _record_batches(self) -> None:
         ascend = stack.ascend()
-        while (first := self._finished.get()) is not None:
+        while (first := self._next_finished()) is not None:
             batch = [first]
             while len(batch) < MAX_RECORD_BATCH and not self._finished.empty():
                 work = self._finished.get()
@@ -186,6 +187,17 @@ class Pipeline:
                     self._idle.set()
             if idle:
                 self._wake_main()
+
+    def _next_finished(self) -> Work | None:
+        """The next finished job (None: stop). While outcomes wait to be written
+        (``db_lock.record_late``), an idle recorder retries them every few seconds: they
+        do not wait for the next job to come along."""
+        while True:
+            wait = LATE_RETRY_SECONDS if self.ctx.unrecorded else None
+            try:
+                return self._finished.get(timeout=wait)
+            except queue.Empty:
+                db_lock.record_late(self.ctx)
 
     # --- bookkeeping -------------------------------------------------------------------
 

@@ -257,8 +257,8 @@ class Worker:
                 self.consumer.poll(0.1, 0)
             except (AMQPError, BrokerUnavailable):
                 time.sleep(0.1)
+        self.pipeline.stop()  # its recorder may have been retrying them: now it is done
         self._record_late()
-        self.pipeline.stop()
         self.consumer.close()
 
     def _record_late(self) -> None:
