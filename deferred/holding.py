@@ -40,6 +40,8 @@ log = logging.getLogger("deferred")
 
 MAX_IDLE = 0.1  # longest single wait: bounds the reaction to a stop request
 BATCH = 100  # publishes per turn: the socket is flushed between turns
+WAKE_EARLY = 0.002  # the I/O wait ends this much before a due time, the rest is slept:
+# pika's wait ends on a whole millisecond (epoll), up to 1 ms after the time asked for
 
 
 class SessionLost(TomQueueError):
@@ -115,6 +117,7 @@ class Holding:
         last_tag = self.arrivals.pop_older_than(time.monotonic() - self.refresh_age)
         if last_tag is not None:
             self.outbox.extend(self.heap.take_tags_up_to(last_tag))
+        self.sleep_until_due()
         now = now_us()
         room = min(BATCH, self.window - session.publisher.in_flight)
         for entry in self.heap.pop_due(now, room):
@@ -124,6 +127,14 @@ class Holding:
             self.send(session, self.outbox.popleft(), now)
             room -= 1
         self.settle(session)
+
+    def sleep_until_due(self) -> None:
+        """The next entry is due within ``WAKE_EARLY``: sleep until it is, exactly."""
+        next_us = self.heap.next_due_us()
+        if next_us is not None:
+            early = (next_us - now_us()) / 1e6
+            if 0 < early <= WAKE_EARLY:
+                time.sleep(early)
 
     def prepare(self, session: Session) -> None:
         """Declare the queue sets of newly seen queue names while their jobs wait, so that
@@ -179,7 +190,7 @@ class Holding:
         limits = [MAX_IDLE, next_stats - now]
         next_us = self.heap.next_due_us()
         if next_us is not None:
-            limits.append(next_us / 1e6 - time.time())
+            limits.append(next_us / 1e6 - time.time() - WAKE_EARLY)
         oldest = self.arrivals.oldest()
         if oldest is not None:
             limits.append(oldest + self.refresh_age - now)

@@ -66,9 +66,13 @@ class Session:
         return reason
 
     def ack(self, tags: list[int]) -> None:
+        """Through pika's asynchronous channel: ``BlockingChannel.basic_ack`` runs the I/O
+        loop once per ack; these go out together on the loop's next pass (the manager's
+        loop runs it after every turn)."""
+        channel = self.consumer._impl
         for tag in tags:
             if tag:
-                self.consumer.basic_ack(tag)
+                channel.basic_ack(tag)
 
     def broken(self) -> str | None:
         """Why the session can no longer be used, or None while it is healthy."""
