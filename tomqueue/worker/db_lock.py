@@ -125,10 +125,11 @@ def lock_batch(works: Sequence[Work]) -> set[Work]:
     checked path (``_lock_checked``), which finds out why and takes over dead locks.
 
     The jobs taken join ``running_jobs`` before another locker thread of this worker may
-    lock: on MySQL the plain path reads its locks back by the worker's name, and would
-    otherwise also claim a row a sibling locker has just locked (both would run it)."""
+    lock one of these ids: on MySQL the plain path reads its locks back by the worker's
+    name, and would otherwise also claim a row a sibling locker has just locked (both would
+    run it). Batches with no id in common lock concurrently (``Claims``)."""
     ctx = works[0].ctx
-    with ctx.locking:
+    with ctx.claims.hold({_job_id(w) for w in works}):
         taken = _lock_plain(works)
         rest = [w for w in works if w not in taken]
         if rest:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from tomqueue.message import Notification
 from tomqueue.schema import Job
 from tomqueue.transport.base import Consumer, Delivery
 from tomqueue.worker import hot_sql
+from tomqueue.worker.claims import Claims
 from tomqueue.worker.outcome import Outcome
 
 if TYPE_CHECKING:
@@ -40,15 +40,14 @@ class Context:
     unrecorded: list[Work] = field(default_factory=list)  # outcomes not written yet (db_lock)
     counters: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # held while locking jobs and registering them in running_jobs; a real lock only where
-    # the lock statement reads its rows back by the worker's name (see hot_sql)
-    locking: AbstractContextManager[Any] = field(default_factory=nullcontext)
+    # the job ids each locker thread is locking (kept apart only where needed: claims.py)
+    claims: Claims = field(default_factory=lambda: Claims(exclusive=False))
     watchdog: Watchdog | None = None  # set by the pipeline that runs the jobs
     _held: threading.local = field(default_factory=threading.local)
 
     def __post_init__(self) -> None:
         if self.engine is not None and hot_sql.reads_back(self.engine.dialect.name):
-            self.locking = threading.Lock()
+            self.claims = Claims(exclusive=True)
 
     def connection(self) -> HeldConnection:
         """This thread's own database connection, kept between batches."""
