@@ -93,24 +93,32 @@ def test_5000_due_at_the_same_instant_all_run_in_priority_order(
     first, last = runs[0].start - utc_ts(due), runs[-1].start - utc_ts(due)
     levels = [r.marker.split("-")[0] for r in runs]
     inversions = max_inversions(levels)
+    own = max(
+        max_inversions([lv for lv, run in zip(levels, runs, strict=True) if run.pid == pid])
+        for pid in {run.pid for run in runs}
+    )
     last_high = max(i for i, lv in enumerate(levels) if lv == "high")
     first_bulk = levels.index("bulk")
     high_after_bulk = levels[first_bulk:].count("high")
     print(
         f"\n5,000 due at once: first started {first * 1000:.1f} ms after run_at, all "
         f"within {last:.2f} s ({4 * PER_LEVEL / last:.0f} jobs/s on {WORKERS}x{THREADS} "
-        f"threads); most less-urgent jobs started before a job: {inversions}; "
+        f"threads); most less-urgent jobs started before a job: {inversions} (on its own "
+        f"worker: {own}); "
         f"last high at #{last_high}, first bulk at #{first_bulk} ({high_after_bulk} high after)"
     )
     assert first >= 0, "a job ran before its run_at"
     # The manager publishes strictly most urgent first. Before a worker starts a job, it
     # fetches what is more urgent and still waiting in the broker (a burst fills each
-    # level's prefetch window), so a level overtakes another only within the few
-    # milliseconds between the manager's publish and the worker's fetch: 3-15 inversions
-    # measured (94-445 when workers only asked whether more urgent messages were waiting).
-    # Released in arrival order (bulk first), over 1,000 bulk jobs started before the
-    # first high one.
-    assert inversions <= PER_LEVEL // 20, "not in priority order"
+    # level's prefetch window), so on one worker a level overtakes another only within the
+    # few milliseconds between the manager's publish and the worker's fetch: 2-7 measured
+    # (200-245 without the fetch). Across workers, the last jobs of a level can wait in one
+    # worker's prefetch while the other starts the next level: 4-25 measured on a quiet
+    # host, 182 once in a CI run (one worker slowed for a moment at a level's end), 380-480
+    # without the fetch. Released in arrival order (bulk first), over 1,000 bulk jobs
+    # started before the first high one.
+    assert own <= PER_LEVEL // 20, "a worker did not start its jobs in priority order"
+    assert inversions <= PER_LEVEL // 4, "not in priority order"
     assert last_high < first_bulk, "a high job waited behind bulk ones"
 
 
