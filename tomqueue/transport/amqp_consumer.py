@@ -157,9 +157,9 @@ class AmqpConsumer:
         out, while less urgent ones already sit in our buffer. Fetching them is not limited
         by the window. A queue whose window has room (and has had it for a moment) is not
         asked: what it holds is on its way to us already, so an ordinary dispatch costs no
-        round trip. A queue found empty is
-        not asked again for ``READY_CHECK_INTERVAL``, unless the broker pushes us one of
-        its messages meanwhile (it is filling again: a burst being published)."""
+        round trip. A queue found empty is not asked again for ``READY_CHECK_INTERVAL``,
+        unless the broker pushes us one of its messages meanwhile (a burst is still being
+        published)."""
         assert self._consume is not None
         out: list[Delivery] = []
         now = time.monotonic()

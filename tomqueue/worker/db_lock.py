@@ -61,29 +61,38 @@ def leave(batch: Batch, call_next: BatchNext) -> None:
     if batch:
         record_late(batch[0].ctx)
     if ran:
-        ctx = ran[0].ctx
         try:
-            recorded = outcome.record_batch(ran)
+            recorded = _record(ran)
         except Exception:
+            ctx = ran[0].ctx
             with ctx.lock:
                 ctx.unrecorded.extend(ran)
             raise
         for work, follow_ups in zip(ran, recorded, strict=True):
             work.follow_ups.extend(follow_ups)
-            ctx.running_jobs.discard(work.job.id)  # type: ignore[union-attr]
         failpoints.hit("worker.after_record")
     call_next(batch)
+
+
+def _record(works: Batch) -> list[list[Notification]]:
+    """Write the outcomes (one transaction); the jobs are no longer ours to run."""
+    recorded = outcome.record_batch(works)
+    for work in works:
+        work.ctx.running_jobs.discard(work.job.id)  # type: ignore[union-attr]
+    return recorded
 
 
 def record_late(ctx: Context) -> None:
     """Write the outcomes kept after a failed recording; publish their follow-ups (their
     deliveries were given back long ago)."""
+    if not ctx.unrecorded:  # the common case, on every batch: no lock taken
+        return
     with ctx.lock:
         pending, ctx.unrecorded = ctx.unrecorded, []
     if not pending:
         return
     try:
-        recorded = outcome.record_batch(pending)
+        recorded = _record(pending)
     except Exception as exc:
         with ctx.lock:
             ctx.unrecorded[:0] = pending
@@ -94,8 +103,6 @@ def record_late(ctx: Context) -> None:
             extra={"action": "outcome_pending", "jobs": len(pending)},
         )
         return
-    for work in pending:
-        ctx.running_jobs.discard(work.job.id)  # type: ignore[union-attr]
     log.info(
         "wrote %d outcome(s) kept since an earlier failure",
         len(pending),
