@@ -236,8 +236,8 @@ def test_kill9_mid_job_runs_again_elsewhere_after_the_lease(
     waited = rerun.start - died
     print(f"\n{database}: killed mid-job, run again elsewhere after {waited:.2f}s")
     assert LEASE - 1.0 < waited < TAKEOVER, "taken over before the lease expired, or late"
+    assert_settled(c.config)  # waits for the rerun's outcome: the ledger's end line comes first
     assert row(c.config, job.id) is None
-    assert_settled(c.config)
 
 
 # --- 2. a worker killed (-9) after recording, before the ack ----------------------------------
