@@ -29,6 +29,12 @@ _TIMES = {c.name for c in jobs.columns if isinstance(c.type, DateTime)}
 
 Pairs = Sequence[tuple[int, int]]  # (job id, version or fence)
 
+# MySQL/MariaDB: left to itself, the optimizer may walk ``ix_delayed_jobs_due`` for the
+# lock's ``failed_at IS NULL AND run_at <= ...`` (it does on a small table), locking the
+# index entries of every due job, ours or not: a recorder's DELETE of finished jobs then
+# deadlocks with it. By the primary key, only the rows named are locked.
+BY_PRIMARY_KEY = "FORCE INDEX (PRIMARY)"
+
 
 def reads_back(dialect: str) -> bool:
     """Whether ``lock_plain`` reads its locks back by worker name (no ``UPDATE ...
@@ -52,7 +58,8 @@ def lock_plain(conn: Connection, name: str, pairs: Pairs, tolerance: float) -> l
         params: tuple[Any, ...] = (name, ids, ids, [p[1] for p in pairs], tolerance)
         return _rows(conn.exec_driver_sql(sql, params))
     due = f"run_at <= {now} + INTERVAL %s MICROSECOND" if dialect != "sqlite" else "run_at <= %s"
-    sql = f"UPDATE delayed_jobs SET {values} WHERE {_match(pairs, 'version')} AND {ready} AND {due}"
+    table = "delayed_jobs" if dialect == "sqlite" else f"delayed_jobs {BY_PRIMARY_KEY}"
+    sql = f"UPDATE {table} SET {values} WHERE {_match(pairs, 'version')} AND {ready} AND {due}"
     limit: Any = round(tolerance * 1_000_000)
     if dialect == "sqlite":
         limit = _sqlite_now_plus(conn, tolerance)
