@@ -7,7 +7,9 @@
   2. due entries (most urgent level first, see ``heap``), then the outbox, are published
      with confirms in flight (up to a window): a due entry to ``<prefix>.work`` (its queue
      set declared when the first job naming it arrived), an entry not yet due (a refresh)
-     to ``<prefix>.work.deferred``;
+     to ``<prefix>.work.deferred``. An entry is due ``release_ahead`` (50 ms) before its
+     ``run_at``: the worker locks it then and starts it at its ``run_at`` (by the database
+     clock), so the publish, the broker and the lock are not part of its lateness;
   3. confirmed publishes have their original delivery acked; a nack, a return or a missing
      confirm ends the session (``SessionLost``).
 """
@@ -67,6 +69,8 @@ class Holding:
         self.cancelled = False
         self.seen_queues: set[str | None] = set()
         self.undeclared: set[str | None] = set()  # seen, not declared yet in this session
+        # a worker re-defers a job that arrives earlier than its run_at_tolerance
+        self.ahead_us = round(min(config.release_ahead, config.run_at_tolerance) * 1_000_000)
 
     def __len__(self) -> int:
         return len(self.heap) + len(self.outbox)
@@ -118,19 +122,28 @@ class Holding:
         if last_tag is not None:
             self.outbox.extend(self.heap.take_tags_up_to(last_tag))
         self.sleep_until_due()
-        now = now_us()
+        due_by = self.due_by()
         room = min(BATCH, self.window - session.publisher.in_flight)
-        for entry in self.heap.pop_due(now, room):
-            self.send(session, entry, now)
+        for entry in self.heap.pop_due(due_by, room):
+            self.send(session, entry, due_by)
         room = min(BATCH, self.window - session.publisher.in_flight)
         while room > 0 and self.outbox:
-            self.send(session, self.outbox.popleft(), now)
+            self.send(session, self.outbox.popleft(), due_by)
             room -= 1
         self.settle(session)
 
+    def due_by(self) -> int:
+        """Entries whose ``run_at`` is at or before this (microseconds) are due now."""
+        return now_us() + self.ahead_us
+
+    def next_release_us(self) -> int | None:
+        """When the next entry held becomes due."""
+        next_us = self.heap.next_due_us()
+        return None if next_us is None else next_us - self.ahead_us
+
     def sleep_until_due(self) -> None:
         """The next entry is due within ``WAKE_EARLY``: sleep until it is, exactly."""
-        next_us = self.heap.next_due_us()
+        next_us = self.next_release_us()
         if next_us is not None:
             early = (next_us - now_us()) / 1e6
             if 0 < early <= WAKE_EARLY:
@@ -143,11 +156,11 @@ class Holding:
         while self.undeclared:
             session.ensure_queue_set(self.undeclared.pop())
 
-    def send(self, session: Session, entry: Entry, now: int, action: str = "") -> None:
+    def send(self, session: Session, entry: Entry, due_by: int, action: str = "") -> None:
         """Due: to the work exchange. Not due (refresh, salvage): to the deferred exchange."""
         note = notification(entry)
         level = self.config.level_for(note.priority)
-        if entry[RUN_AT] > now:
+        if entry[RUN_AT] > due_by:
             exchange, key = self.topology.deferred_exchange, ""
             action = action or "refreshed"
         else:
@@ -188,7 +201,7 @@ class Holding:
             return 0.0
         now = time.monotonic()
         limits = [MAX_IDLE, next_stats - now]
-        next_us = self.heap.next_due_us()
+        next_us = self.next_release_us()
         if next_us is not None:
             limits.append(next_us / 1e6 - time.time() - WAKE_EARLY)
         oldest = self.arrivals.oldest()
@@ -219,11 +232,11 @@ class Holding:
         entries = [*self.heap.take_all(), *self.outbox]
         self.outbox.clear()
         declare_deferred(session.declarer.channel, self.topology)
-        now = now_us()
+        due_by = self.due_by()
         for entry in entries:
             if session.publisher.in_flight >= self.window:
                 self.wait_confirms(session, self.config.publish_timeout)
-            self.send(session, (entry[RUN_AT], entry[RANK], 0, *entry[3:]), now, "salvaged")
+            self.send(session, (entry[RUN_AT], entry[RANK], 0, *entry[3:]), due_by, "salvaged")
         self.wait_confirms(session, self.config.publish_timeout)
         failed = len(session.publisher.take_failures()) + session.publisher.in_flight
         session.publisher.take_confirmed()  # nothing to ack

@@ -75,6 +75,10 @@ class Config:
     priority_map: Mapping[int, str] = field(default_factory=lambda: DEFAULT_PRIORITY_MAP)
     # TomQueue settings
     run_at_tolerance: float = 0.25
+    # the deferred manager publishes a job this early (never more than run_at_tolerance);
+    # the worker locks it and starts it at its run_at, so the publish → lock path is not
+    # part of its lateness
+    release_ahead: float = 0.05
     delivery_hold_limit: float = 300.0
     stop_grace: float = 30.0
     timeout_grace: float = 5.0
@@ -180,7 +184,7 @@ _POSITIVE_SECONDS = (
     "sweep_interval",
     "sweep_quiet",
 )
-_NONNEGATIVE_SECONDS = ("run_at_tolerance", "stop_grace", "timeout_grace")
+_NONNEGATIVE_SECONDS = ("run_at_tolerance", "release_ahead", "stop_grace", "timeout_grace")
 
 
 def _validate(c: Config) -> None:

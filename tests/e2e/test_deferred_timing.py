@@ -4,7 +4,8 @@
   first, all run, in priority order (adjacent levels overlap by a few jobs, published
   while a worker was starting the next), as fast as the workers take them.
 - Precision with idle workers: jobs start within 50 ms of ``run_at`` (p50 <= 10 ms), and
-  never earlier than the worker's ``run_at_tolerance`` allows. A loaded CI host asserts
+  never before it (the manager releases them ``release_ahead`` early; the worker locks
+  them and starts them at their ``run_at``). A loaded CI host asserts
   p50 <= 25 ms, p90 <= 50 ms and p99 <= 200 ms; ``TOMQUEUE_TEST_STRICT_TIMING=1`` asserts
   the targets.
 
@@ -146,7 +147,7 @@ def test_idle_workers_start_jobs_within_milliseconds_of_run_at(
         f"p99 {p99 * 1000:.1f} ms, min {lateness[0] * 1000:.1f} ms, "
         f"max {lateness[-1] * 1000:.1f} ms"
     )
-    assert lateness[0] >= -config.run_at_tolerance, "started earlier than the tolerance allows"
+    assert lateness[0] >= 0, "a job started before its run_at"
     # The targets (p50 <= 10 ms, all within 50 ms) need a quiet host: on 2 cores shared
     # with benchmarks, p50 measured 9-12 ms and p99 36-85 ms. CI asserts looser bounds
     # unless told otherwise.

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 import tomqueue
-from tests import ledger
+from tests import deferred_jobs, ledger
 from tests.conftest import (
     AMQP_STACKS,
     DATABASES,
@@ -28,6 +28,7 @@ from tests.conftest import (
     queue_depth,
     wait_until,
 )
+from tests.deferred_jobs import Timed
 from tests.jobs import Record, Sleepy
 from tomqueue.db import get_engine
 from tomqueue.enqueue import notification
@@ -117,6 +118,30 @@ def test_an_early_notification_is_deferred_again_not_run(stack: Stack, ledger_pa
     assert (again.job_id, again.version) == (job.id, job.version)
     assert abs((again.run_at - job.run_at).total_seconds()) < 0.001
     assert queue_depth(config, f"{config.prefix}.balance.normal")[0] == 0
+
+
+@on_stacks(*AMQP_STACKS)
+def test_a_notification_a_little_early_is_taken_and_started_at_run_at(
+    stack: Stack, ledger_path: str
+) -> None:
+    """Within ``run_at_tolerance`` of its ``run_at`` (the deferred manager releases jobs
+    ``release_ahead`` early), a job is locked at once and starts at its ``run_at``: not
+    before it, and not deferred again."""
+    from datetime import timedelta
+
+    config = stack.config
+    declare_topology(config)
+    job = tomqueue.enqueue(Timed(ledger_path, "soon"), run_at=timedelta(seconds=0.2))
+    assert len(drain_queue(config, f"{config.prefix}.work.deferred")) == 1
+    publish_raw(config, notification(job).encode(), headers=notification(job).headers("normal"))
+
+    worker = WorkerThread(config, threads=1, exit_on_complete=True, imports=["tests.deferred_jobs"])
+    assert worker.start().join(30) == 0
+
+    [start] = deferred_jobs.starts(ledger_path)
+    due = deferred_jobs.utc_timestamp(job.run_at)
+    assert due <= start.when < due + 0.1, f"started {(start.when - due) * 1000:.1f} ms after"
+    assert worker.counters.get("skipped_early") is None and job_count(config) == 0
 
 
 @on_stacks(*[(d, "polling") for d in DATABASES])

@@ -1,6 +1,8 @@
 """The deferred manager's release timing (issue 3, req. 3): its I/O wait ends a little
-before the next due time (pika's wait ends on a whole millisecond, up to 1 ms late) and it
-sleeps the rest, so a job is published on time, never before its ``run_at``."""
+before the next release time (pika's wait ends on a whole millisecond, up to 1 ms late) and
+it sleeps the rest, so a job is published on time: ``release_ahead`` before its ``run_at``
+(the worker starts it at its ``run_at``), never earlier; at its ``run_at`` exactly with
+``release_ahead=0``."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from deferred import holding
 from deferred.heap import to_us
@@ -37,8 +41,13 @@ class FakePublisher:
         return False
 
 
-def make_holding() -> tuple[Holding, Any]:
-    config = Config(database_url="sqlite://", amqp_url="amqp://guest:guest@localhost/")
+AHEAD = [0.0, Config().release_ahead]
+
+
+def make_holding(ahead: float) -> tuple[Holding, Any]:
+    config = Config(
+        database_url="sqlite://", amqp_url="amqp://guest:guest@localhost/", release_ahead=ahead
+    )
     held = Holding(config, refresh_interval=600, window=1000, counters=Counter())
     session = SimpleNamespace(
         publisher=FakePublisher(), ensure_queue_set=lambda queue: None, ack=lambda tags: None
@@ -50,26 +59,30 @@ def due_in(seconds: float) -> datetime:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).replace(tzinfo=None)
 
 
-def test_the_io_wait_ends_just_before_the_next_due_time() -> None:
-    held, session = make_holding()
-    held.heap.push(Notification(1, 1, due_in(0.05), 0, None, "t:Job"), 1)
+@pytest.mark.parametrize("ahead", AHEAD)
+def test_the_io_wait_ends_just_before_the_next_release_time(ahead: float) -> None:
+    held, session = make_holding(ahead)
+    held.heap.push(Notification(1, 1, due_in(0.05 + ahead), 0, None, "t:Job"), 1)
     wait = held.idle_time(session, next_stats=time.monotonic() + 60)
     assert 0.05 - holding.WAKE_EARLY - 0.01 < wait <= 0.05 - holding.WAKE_EARLY
 
 
-def test_a_job_due_within_the_early_wake_is_published_on_time_not_before() -> None:
-    held, session = make_holding()
-    run_at = due_in(holding.WAKE_EARLY * 0.9)
+@pytest.mark.parametrize("ahead", AHEAD)
+def test_a_job_due_within_the_early_wake_is_published_on_time_not_before(ahead: float) -> None:
+    held, session = make_holding(ahead)
+    run_at = due_in(ahead + holding.WAKE_EARLY * 0.9)
     held.heap.push(Notification(1, 1, run_at, 0, None, "t:Job"), 1)
     held.release(session)
     [(exchange, sent_us)] = session.publisher.sent
     assert exchange == held.topology.work_exchange
-    assert 0 <= sent_us - to_us(run_at) < 1_000  # on time: within a millisecond
+    release_us = to_us(run_at) - round(ahead * 1_000_000)
+    assert 0 <= sent_us - release_us < 1_000  # on time: within a millisecond
 
 
-def test_a_job_due_later_is_left_for_a_later_turn() -> None:
-    held, session = make_holding()
-    held.heap.push(Notification(1, 1, due_in(0.2), 0, None, "t:Job"), 1)
+@pytest.mark.parametrize("ahead", AHEAD)
+def test_a_job_due_later_is_left_for_a_later_turn(ahead: float) -> None:
+    held, session = make_holding(ahead)
+    held.heap.push(Notification(1, 1, due_in(ahead + 0.2), 0, None, "t:Job"), 1)
     started = time.monotonic()
     held.release(session)
     assert session.publisher.sent == [] and time.monotonic() - started < 0.05

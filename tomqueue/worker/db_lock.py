@@ -7,7 +7,9 @@ Load the row by primary key (``FOR UPDATE``) and decide, with the database clock
   notification for when the lock could expire;
 - otherwise lock it: ``locked_at``/``locked_by`` and a new fencing token. Taking over the
   lock of a dead worker counts a crash (and an attempt); past ``max_crashes`` the job is
-  failed instead of run.
+  failed instead of run. A job locked before its ``run_at`` (within the tolerance: the
+  deferred manager releases jobs ``release_ahead`` early) starts at its ``run_at``
+  (``work.start_at``, kept by the timeout layer).
 Then rebuild the payload and run the layers below; on the way back up, record the outcomes
 (fenced), all of a batch in one transaction.
 """
@@ -18,7 +20,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -30,7 +32,7 @@ from tomqueue.leases import holder_alive
 from tomqueue.message import Notification
 from tomqueue.schema import Job, jobs
 from tomqueue.worker import hot_sql, outcome
-from tomqueue.worker.work import Batch, BatchNext, Context, Work
+from tomqueue.worker.work import Batch, BatchNext, Context, StartAt, Work
 
 log = logging.getLogger("tomqueue.worker")
 
@@ -155,10 +157,11 @@ def _lock_plain(works: Sequence[Work]) -> set[Work]:
     pairs = [p for p in pairs if p[0] not in running]
     if not pairs:
         return set()
+    sent = time.monotonic()
     with ctx.connection().use() as conn:
         rows = hot_sql.lock_plain(conn, ctx.name, pairs, ctx.config.run_at_tolerance)
     for row in rows:
-        _hold(firsts[row["id"]], row)
+        _hold(firsts[row["id"]], row, sent)
     return {firsts[row["id"]] for row in rows}
 
 
@@ -167,6 +170,7 @@ def _lock_checked(works: Sequence[Work]) -> set[Work]:
     for each delivery, lock the ones to run with one statement; one commit."""
     ctx = works[0].ctx
     ids = sorted({_job_id(w) for w in works})
+    sent = time.monotonic()
     with ctx.engine.begin() as conn:
         rows = {
             row.id: row
@@ -200,7 +204,7 @@ def _lock_checked(works: Sequence[Work]) -> set[Work]:
         values = {c.name: getattr(row, c.name) for c in jobs.columns}
         values.update(locked_at=now, locked_by=ctx.name, fence=row.fence + 1)
         values.update(work.takeover or {})
-        _hold(work, values)
+        _hold(work, values, sent)
     return set(taken.values())
 
 
@@ -247,21 +251,24 @@ def _take_over(conn: Connection, work: Work, row: Any, now: Any) -> None:
     )
 
 
-def _hold(work: Work, values: dict[str, Any]) -> None:
-    """Fill in the work from the row as this worker's lock left it."""
+def _hold(work: Work, values: dict[str, Any], sent: float) -> None:
+    """Fill in the work from the row as this worker's lock left it (``sent``: monotonic
+    time before the lock statement)."""
     work.job = Job(**values)
     work.fence = values["fence"]
     work.locked_at = _as_datetime(values["locked_at"])
-    _after_lock(work)
+    _after_lock(work, sent)
 
 
-def _after_lock(work: Work) -> None:
+def _after_lock(work: Work, sent: float) -> None:
     assert work.job is not None and work.locked_at is not None
     work.started = time.monotonic()
     run_at = _as_datetime(work.job.run_at)
-    metrics.WAIT_SECONDS.labels(work.queue).observe(
-        max(0.0, (work.locked_at - run_at).total_seconds())
-    )
+    due_in = (run_at - work.locked_at).total_seconds()
+    if due_in > 0:
+        unix = run_at.replace(tzinfo=UTC).timestamp()
+        work.start_at = StartAt(sent + due_in, work.started + due_in, unix)
+    metrics.WAIT_SECONDS.labels(work.queue).observe(max(0.0, -due_in))
     failpoints.hit("worker.after_lock")
 
 

@@ -1,5 +1,7 @@
 """Layer 4 — timeout: the job runs in this job thread, watched by the watchdog.
 
+- A job locked before its ``run_at`` (the deferred manager releases jobs ``release_ahead``
+  early; a clock may be a little ahead) starts at its ``run_at`` by the database clock.
 - ``min(payload.max_run_time, config.max_run_time)`` passed → ``JobTimeout`` is raised inside
   the job (an asynchronous exception) and the attempt counts as failed. If the job ignores
   it for ``timeout_grace`` seconds, it is *abandoned* (``abandon``): its attempt is counted
@@ -50,6 +52,9 @@ def max_run_time(work: Work) -> float:
 
 
 def layer(work: Work, call_next: Next) -> None:
+    if not _due(work):
+        work.outcome = Released("the worker stopped before the job was due")
+        return
     watchdog = work.ctx.watchdog
     assert watchdog is not None
     now = time.monotonic()
@@ -69,6 +74,16 @@ def layer(work: Work, call_next: Next) -> None:
         clear_interruption()
     watchdog.unwatch(slot)
     work.outcome = _decide(work, slot, crash)
+
+
+def _due(work: Work) -> bool:
+    """Wait for the job's ``run_at`` if it was locked a little before (False: the worker
+    is stopping; the job is released to run elsewhere, at its time)."""
+    start = work.start_at
+    while start is not None and (left := start.seconds_left()) > 0:
+        if work.ctx.stopping.wait(left):
+            return False
+    return True
 
 
 def _decide(work: Work, slot: Slot, crash: BaseException | None) -> Outcome:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -66,6 +67,24 @@ class Context:
             self.counters[key] = self.counters.get(key, 0) + n
 
 
+@dataclass(frozen=True)
+class StartAt:
+    """When a job locked before its ``run_at`` starts: at ``run_at`` (Unix time) by this
+    host's clock, kept between ``earliest`` and ``latest`` (monotonic), when the database
+    clock reaches it at the earliest and at the latest (the lock statement read that clock
+    between being sent and returning): a host clock off by more does not decide."""
+
+    earliest: float
+    latest: float
+    run_at: float
+
+    def seconds_left(self) -> float:
+        now = time.monotonic()
+        if now >= self.latest:
+            return 0.0
+        return max(self.earliest - now, self.run_at - time.time(), 0.0)
+
+
 @dataclass(eq=False)
 class Work:
     """One delivery on its way down the stack and back up; each layer fills in its part."""
@@ -79,6 +98,7 @@ class Work:
     fence: int = 0  # db_lock: the fencing token every later write is conditioned on
     locked_at: datetime | None = None  # db_lock: database time of the lock
     started: float = 0.0  # db_lock: monotonic time of the lock
+    start_at: StartAt | None = None  # db_lock: locked before its run_at: when it may start
     payload: Any = None  # db_lock: the rebuilt payload object
     load_error: str | None = None  # db_lock: why the handler could not be rebuilt
     give_up: str | None = None  # db_lock: crashed too often; fail without running
