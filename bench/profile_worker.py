@@ -99,15 +99,28 @@ def instrument_enqueue() -> None:
 
 
 def instrument_worker() -> None:
-    from tomqueue.transport import amqp
+    from types import SimpleNamespace
+
+    from tomqueue.transport.amqp_consumer import AmqpConsumer
     from tomqueue.worker import db_lock, outcome, stack
 
-    layers = [timed(f"layer {layer.__module__.rsplit('.', 1)[1]}", layer) for layer in stack.LAYERS]
-    stack.run = stack.build(layers)  # process.py looks ``stack.run`` up at each dispatch
-    patch(db_lock, "_lock", "db_lock._lock (SELECT FOR UPDATE + UPDATE + COMMIT)")
-    patch(outcome, "record", "outcome.record (DELETE + COMMIT)")
-    patch(amqp.AmqpConsumer, "ack", "consumer.ack (wait for the main thread)")
-    patch(amqp.AmqpConsumer, "take_above", "consumer.take_above (main thread)")
+    def name(layer: Any) -> str:  # a module (batch layers) or a function (job layers)
+        return str(getattr(layer, "__module__", None) or layer.__name__).rsplit(".", 1)[1]
+
+    # the pipeline's threads compose the stack from these when they start
+    stack.BATCH_LAYERS = tuple(
+        SimpleNamespace(
+            enter=timed(f"layer {name(layer)}.enter (batch, down)", layer.enter),
+            leave=timed(f"layer {name(layer)}.leave (batch, up)", layer.leave),
+        )
+        for layer in stack.BATCH_LAYERS
+    )
+    stack.JOB_LAYERS = tuple(timed(f"layer {name(layer)} (job)", layer) for layer in stack.JOB_LAYERS)
+    patch(db_lock, "lock_batch", "db_lock.lock_batch (lock statement)")
+    patch(outcome, "record_batch", "outcome.record_batch (DELETE ... RETURNING)")
+    patch(AmqpConsumer, "ack_many", "consumer.ack_many (hand-off to the I/O loop)")
+    patch(AmqpConsumer, "take_above", "consumer.take_above (main thread)")
+    patch(AmqpConsumer, "poll", "consumer.poll (main thread: I/O wait included)")
     original_start = threading.Thread.start
 
     def start(self: threading.Thread) -> None:
