@@ -124,7 +124,20 @@ def tomqueue_worker(
         argv.append("--exit-on-complete")
     if profile:
         out = target.path(f"profile-{tag}.txt")
-        argv = ["py-spy", "record", "--gil", "--nonblocking", "-f", "raw", "-r", "200", "-o", str(out), "--", *argv]
+        argv = [
+            "py-spy",
+            "record",
+            "--gil",
+            "--nonblocking",
+            "-f",
+            "raw",
+            "-r",
+            "200",
+            "-o",
+            str(out),
+            "--",
+            *argv,
+        ]
     return Proc(f"worker-{tag}", argv, target.env(), target.path(f"worker-{tag}.log"))
 
 

@@ -115,7 +115,9 @@ def instrument_worker() -> None:
         )
         for layer in stack.BATCH_LAYERS
     )
-    stack.JOB_LAYERS = tuple(timed(f"layer {name(layer)} (job)", layer) for layer in stack.JOB_LAYERS)
+    stack.JOB_LAYERS = tuple(
+        timed(f"layer {name(layer)} (job)", layer) for layer in stack.JOB_LAYERS
+    )
     patch(db_lock, "lock_batch", "db_lock.lock_batch (lock statement)")
     patch(outcome, "record_batch", "outcome.record_batch (DELETE ... RETURNING)")
     patch(AmqpConsumer, "ack_many", "consumer.ack_many (hand-off to the I/O loop)")

@@ -4,8 +4,9 @@ manager (``tomqueue deferred``) and a worker.
 Lateness = the job's ``Stamp`` at ``perform`` start minus its ``run_at``. A private queue
 bound to the work exchange sees when the deferred manager released each job, which splits
 lateness into the release (deferred manager; negative: it publishes ``release_ahead``, 50 ms,
-before ``run_at``) and release → start (worker: lock, then wait for ``run_at``). One producer enqueues as fast as it can, so
-when the worker's throughput is below the enqueue rate, lateness grows along the burst:
+before ``run_at``) and release → start (worker: lock, then wait for ``run_at``). One
+producer enqueues as fast as it can, so when the worker's throughput is below the enqueue
+rate, lateness grows along the burst:
 ``start_rate_per_s`` and ``due_rate_per_s`` show it. Peak RSS of the worker and the deferred
 manager is sampled with psutil. Skipped when ``deferred.manager`` cannot be imported.
 """

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.orm import Session, class_mapper
+from sqlalchemy.orm import Session
 
 from tomqueue import failpoints, handler, lifecycle, tracing
 from tomqueue.aftercommit import after_commit
@@ -31,7 +31,7 @@ from tomqueue.db import STATEMENT_MARGIN, statement_limit, utcnow
 from tomqueue.errors import EnqueueError
 from tomqueue.message import Notification
 from tomqueue.persist import persist, persist_many
-from tomqueue.schema import Job
+from tomqueue.schema import Job, bare_job
 from tomqueue.transport import get_publisher
 from tomqueue.transport.background import get_background_publisher
 
@@ -137,18 +137,7 @@ def new_job(request: Request, now: datetime | None = None, tracked: bool = False
         "notified_at": now,
         "crashes": 0,
     }
-    if tracked:
-        return Job(**values)
-    job: Job = _bare_job()
-    job.__dict__.update(values)
-    return job
-
-
-def _bare_job() -> Job:
-    return _JOB_MANAGER.new_instance()
-
-
-_JOB_MANAGER = class_mapper(Job).class_manager
+    return Job(**values) if tracked else bare_job(values)
 
 
 # --- layer 4: publish after commit -----------------------------------------------------

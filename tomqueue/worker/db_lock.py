@@ -30,7 +30,7 @@ from tomqueue.db import now_sql, utcnow
 from tomqueue.errors import HandlerError
 from tomqueue.leases import holder_alive
 from tomqueue.message import Notification
-from tomqueue.schema import Job, jobs
+from tomqueue.schema import Job, bare_job, jobs
 from tomqueue.worker import hot_sql, outcome
 from tomqueue.worker.work import Batch, BatchNext, Context, StartAt, Work
 
@@ -254,7 +254,7 @@ def _take_over(conn: Connection, work: Work, row: Any, now: Any) -> None:
 def _hold(work: Work, values: dict[str, Any], sent: float) -> None:
     """Fill in the work from the row as this worker's lock left it (``sent``: monotonic
     time before the lock statement)."""
-    work.job = Job(**values)
+    work.job = bare_job(values)
     work.fence = values["fence"]
     work.locked_at = _as_datetime(values["locked_at"])
     _after_lock(work, sent)

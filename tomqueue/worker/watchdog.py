@@ -82,7 +82,7 @@ class Watchdog:
         self.ctx = ctx
         self._attend = attend
         self._slots: set[Slot] = set()
-        self._wake = threading.Condition()
+        self._wake = threading.Condition(threading.Lock())  # never taken twice: no RLock
         self._planned = math.inf
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="tomqueue-watchdog", daemon=True)
