@@ -35,7 +35,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-WORKER_SWITCH_INTERVAL = 0.001  # seconds
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -47,9 +46,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         serve(args.metrics_port)
     from tomqueue.worker.process import Worker
 
-    # The worker's threads hand jobs to each other and wait on the database and the broker;
-    # a thread whose answer has arrived should not wait CPython's default 5 ms for the GIL.
-    sys.setswitchinterval(WORKER_SWITCH_INTERVAL)
     worker = Worker(
         _config(),
         imports=args.imports,
