@@ -42,6 +42,7 @@ def test_a_locked_job_waits_for_its_run_at_by_the_wall_clock() -> None:
     work.start_at = StartAt(now, now + 1, time.time() + 0.05)
     assert timeout._due(work)
     assert time.time() >= work.start_at.run_at
+    assert work.started >= now + 0.04  # its run time is counted from its start
 
 
 def test_a_job_waiting_for_its_run_at_is_released_when_the_worker_stops() -> None:

@@ -80,9 +80,12 @@ def _due(work: Work) -> bool:
     """Wait for the job's ``run_at`` if it was locked a little before (False: the worker
     is stopping; the job is released to run elsewhere, at its time)."""
     start = work.start_at
-    while start is not None and (left := start.seconds_left()) > 0:
+    if start is None:
+        return True
+    while (left := start.seconds_left()) > 0:
         if work.ctx.stopping.wait(left):
             return False
+    work.started = time.monotonic()  # its run time is counted from here, not from the lock
     return True
 
 

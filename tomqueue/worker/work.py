@@ -97,7 +97,7 @@ class Work:
     job: Job | None = None  # db_lock: detached snapshot of the locked row
     fence: int = 0  # db_lock: the fencing token every later write is conditioned on
     locked_at: datetime | None = None  # db_lock: database time of the lock
-    started: float = 0.0  # db_lock: monotonic time of the lock
+    started: float = 0.0  # db_lock: monotonic time of the lock (timeout: of its run_at)
     start_at: StartAt | None = None  # db_lock: locked before its run_at: when it may start
     payload: Any = None  # db_lock: the rebuilt payload object
     load_error: str | None = None  # db_lock: why the handler could not be rebuilt
