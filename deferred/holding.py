@@ -8,8 +8,8 @@
      with confirms in flight (up to a window): a due entry to ``<prefix>.work`` (its queue
      set declared when the first job naming it arrived), an entry not yet due (a refresh)
      to ``<prefix>.work.deferred``. An entry is due ``release_ahead`` (50 ms) before its
-     ``run_at``: the worker locks it then and starts it at its ``run_at`` (by the database
-     clock), so the publish, the broker and the lock are not part of its lateness;
+     ``run_at``: the worker locks it then and starts it at its ``run_at``, so the publish,
+     the broker and the lock are not part of its lateness;
   3. confirmed publishes have their original delivery acked; a nack, a return or a missing
      confirm ends the session (``SessionLost``).
 """

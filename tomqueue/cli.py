@@ -35,8 +35,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
         return _supervise(args)

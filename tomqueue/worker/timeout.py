@@ -1,7 +1,8 @@
 """Layer 4 — timeout: the job runs in this job thread, watched by the watchdog.
 
 - A job locked before its ``run_at`` (the deferred manager releases jobs ``release_ahead``
-  early; a clock may be a little ahead) starts at its ``run_at`` by the database clock.
+  early; a clock may be a little ahead) starts at its ``run_at``: by this host's clock,
+  kept within the lock statement's round trip of the database clock (``StartAt``).
 - ``min(payload.max_run_time, config.max_run_time)`` passed → ``JobTimeout`` is raised inside
   the job (an asynchronous exception) and the attempt counts as failed. If the job ignores
   it for ``timeout_grace`` seconds, it is *abandoned* (``abandon``): its attempt is counted
