@@ -181,23 +181,35 @@ def _insert_json_table(
 
 
 def _json_documents(new: list[Job], limit: int) -> list[str]:
-    """The rows as JSON arrays of rows, each document under ``limit`` bytes when it can be."""
+    """The rows as JSON arrays of rows, each document under ``limit`` bytes when it can be
+    (one ``json.dumps`` for the whole batch when it fits, the common case)."""
+    rows = [[job.__dict__.get(name) for name in COLUMNS] for job in new]
+    whole = _dumps(rows)
+    if len(whole.encode()) <= limit:
+        return [whole]
     documents: list[str] = []
-    rows: list[str] = []
+    parts: list[str] = []
     size = 0
-    for job in new:
-        row = json.dumps([_json_value(job.__dict__.get(name)) for name in COLUMNS])
-        if rows and size + len(row) + 1 > limit:
-            documents.append(f"[{','.join(rows)}]")
-            rows, size = [], 0
-        rows.append(row)
+    for values in rows:
+        row = _dumps(values)
+        if parts and size + len(row) + 1 > limit:
+            documents.append(f"[{','.join(parts)}]")
+            parts, size = [], 0
+        parts.append(row)
         size += len(row) + 1
-    documents.append(f"[{','.join(rows)}]")
+    documents.append(f"[{','.join(parts)}]")
     return documents
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_value)
+
+
 def _json_value(value: Any) -> Any:
-    return value.isoformat(sep=" ") if isinstance(value, datetime) else value
+    """What JSON cannot hold by itself: datetimes (``YYYY-MM-DD HH:MM:SS.ffffff``)."""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _retrying(work: Callable[[], T]) -> T:
