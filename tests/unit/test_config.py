@@ -51,6 +51,8 @@ def test_config_is_frozen() -> None:
         ("stop_grace", -0.5, ">= 0"),
         ("timeout_grace", -1, ">= 0"),
         ("run_at_tolerance", -1, ">= 0"),
+        ("release_ahead", -0.01, ">= 0"),
+        ("release_ahead", "soon", ">= 0"),
         ("delivery_hold_limit", 1800, "consumer_timeout"),
         ("default_queue", "bad queue", "letters, digits"),
         ("default_priority", "high", "integer"),

@@ -86,3 +86,15 @@ def test_a_job_due_later_is_left_for_a_later_turn(ahead: float) -> None:
     started = time.monotonic()
     held.release(session)
     assert session.publisher.sent == [] and time.monotonic() - started < 0.05
+
+
+def test_a_job_is_never_released_earlier_than_a_worker_would_take_it() -> None:
+    """A worker defers again a job that arrives more than ``run_at_tolerance`` early."""
+    config = Config(
+        database_url="sqlite://",
+        amqp_url="amqp://guest:guest@localhost/",
+        release_ahead=0.05,
+        run_at_tolerance=0.01,
+    )
+    held = Holding(config, refresh_interval=600, window=1000, counters=Counter())
+    assert held.ahead_us == 10_000
