@@ -69,8 +69,7 @@ class Holding:
         self.cancelled = False
         self.seen_queues: set[str | None] = set()
         self.undeclared: set[str | None] = set()  # seen, not declared yet in this session
-        # a worker re-defers a job that arrives earlier than its run_at_tolerance
-        self.ahead_us = round(min(config.release_ahead, config.run_at_tolerance) * 1_000_000)
+        self.ahead_us = round(config.release_lead * 1_000_000)
 
     def __len__(self) -> int:
         return len(self.heap) + len(self.outbox)

@@ -127,6 +127,12 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         return replace(self, **changes)
 
+    @property
+    def release_lead(self) -> float:
+        """How early the deferred manager publishes a due job: ``release_ahead``, never more
+        than ``run_at_tolerance`` (a worker defers again a job that arrives earlier)."""
+        return min(self.release_ahead, self.run_at_tolerance)
+
     def level_for(self, priority: int) -> str:
         """The notification level of a Delayed::Job integer priority (unmapped: normal)."""
         return self.priority_map.get(priority, "normal")

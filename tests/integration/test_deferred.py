@@ -113,7 +113,7 @@ class Tap:
         topology = Topology.of(config)
         self.connection, self.channel = open_channel(config)
         self.arrivals: list[tuple[float, str, bytes, dict[str, Any]]] = []
-        self.ahead = min(config.release_ahead, config.run_at_tolerance)
+        self.ahead = config.release_lead
         for queue in queue_sets:
             declare_work(self.channel, topology, queue)
             for level in LEVELS:
