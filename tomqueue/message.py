@@ -26,12 +26,14 @@ class Notification:
     trace: str = ""  # the enqueuing span's W3C traceparent (tomqueue.tracing), if any
 
     def encode(self) -> bytes:
-        body = {
-            "delayed_job_id": self.job_id,
-            "delayed_job_digest": str(self.version),
-            "run_at": self.run_at.replace(tzinfo=UTC).isoformat(timespec="microseconds"),
-        }
-        return json.dumps(body, separators=(",", ":")).encode()
+        """The JSON body, compact, keys in this order. Written out rather than built with
+        ``json.dumps`` (a new encoder per call: a tenth of the publisher thread's time):
+        every value is an integer or an ISO-8601 timestamp, nothing needs escaping."""
+        run_at = self.run_at.replace(tzinfo=UTC).isoformat(timespec="microseconds")
+        return (
+            f'{{"delayed_job_id":{self.job_id:d},"delayed_job_digest":"{self.version:d}",'
+            f'"run_at":"{run_at}"}}'
+        ).encode()
 
     def headers(self, level: str) -> dict[str, Any]:
         """AMQP headers that make a message readable in the management UI."""

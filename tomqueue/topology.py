@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from tomqueue.config import LEVELS, QUEUE_NAME_RE, Config
 from tomqueue.errors import EnqueueError
@@ -44,7 +45,7 @@ class Topology:
         return name
 
     def routing_key(self, queue: str | None, level: str) -> str:
-        return f"{self.queue_set(queue)}.{level}"
+        return _routing_key(self, queue, level)
 
     def queue_name(self, queue: str | None, level: str) -> str:
         return f"{self.prefix}.{self.queue_set(queue)}.{level}"
@@ -52,3 +53,10 @@ class Topology:
     def queues_of(self, queue: str | None) -> list[tuple[str, str, str]]:
         """(level, queue name, routing key) for every level, most urgent first."""
         return [(lv, self.queue_name(queue, lv), self.routing_key(queue, lv)) for lv in LEVELS]
+
+
+@lru_cache(maxsize=4096)
+def _routing_key(topology: Topology, queue: str | None, level: str) -> str:
+    """Computed once per queue and level: the publisher asks for every notification. A
+    name that fails validation raises each time (exceptions are not cached)."""
+    return f"{topology.queue_set(queue)}.{level}"

@@ -31,6 +31,25 @@ def test_encode_matches_the_contract() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "note",
+    [
+        Notification(42, 7, WHEN),
+        Notification(1, 0, datetime(2024, 5, 6)),  # whole second: microseconds still written
+        Notification(2**62, 2**40, datetime(9999, 12, 31, 23, 59, 59, 999999), trace="x"),
+    ],
+)
+def test_encode_is_compact_json_in_a_fixed_key_order(note: Notification) -> None:
+    """The hand-written body is byte for byte what ``json.dumps`` would write."""
+    expected = {
+        "delayed_job_id": note.job_id,
+        "delayed_job_digest": str(note.version),
+        "run_at": note.run_at.isoformat(timespec="microseconds") + "+00:00",
+    }
+    assert note.encode() == json.dumps(expected, separators=(",", ":")).encode()
+    assert decode(note.encode()).job_id == note.job_id
+
+
 def test_round_trip_with_headers() -> None:
     note = Notification(42, 7, WHEN, priority=-1, queue="mail", kind="tests.jobs:Record")
     assert decode(note.encode(), note.headers("high")) == note

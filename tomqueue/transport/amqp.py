@@ -116,13 +116,12 @@ class ConfirmedChannel:
         self.channel.confirm_delivery()
         self.channel.exchange_declare(self.topology.work_exchange, "topic", durable=True)
         declare_deferred(self.channel, self.topology)
-        self._declared: set[str] = set()
+        self._declared: set[str | None] = set()  # queue values as notifications carry them
 
     def ensure_queue_set(self, queue: str | None) -> None:
-        name = self.topology.queue_set(queue)
-        if name not in self._declared:
+        if queue not in self._declared:
             declare_work(self.channel, self.topology, queue)
-            self._declared.add(name)
+            self._declared.add(queue)
 
     def publish(self, notes: Sequence[Notification]) -> None:
         for note in notes:
