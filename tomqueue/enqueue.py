@@ -55,8 +55,15 @@ class Request:
 
 
 def validate(
-    payload: Any, priority: int | None, run_at: Any, queue: str | None, config: Config
+    payload: Any,
+    priority: int | None,
+    run_at: Any,
+    queue: str | None,
+    config: Config,
+    now: datetime | None = None,
 ) -> Request:
+    """``now``: the moment a relative or missing ``run_at`` counts from (default: the
+    clock now; ``enqueue_many`` gives its batch one moment)."""
     if priority is None:
         priority = getattr(payload, "priority", None)
         priority = config.default_priority if not isinstance(priority, int) else priority
@@ -75,7 +82,7 @@ def validate(
             f"{min(MAX_HANDLER_BYTES, _database_limit(config))}{_limit_reason(config)}: "
             "store large data elsewhere and pass a key"
         )
-    return Request(payload, priority, _normalize_time(run_at), queue, text)
+    return Request(payload, priority, _normalize_time(run_at, now), queue, text)
 
 
 def _database_limit(config: Config) -> int:
@@ -89,13 +96,13 @@ def _limit_reason(config: Config) -> str:
     return ""
 
 
-def _normalize_time(run_at: Any) -> datetime:
+def _normalize_time(run_at: Any, now: datetime | None = None) -> datetime:
     if run_at is None:
-        return utcnow()
+        return now or utcnow()
     if isinstance(run_at, timedelta):
-        return utcnow() + run_at
+        return (now or utcnow()) + run_at
     if isinstance(run_at, int | float) and not isinstance(run_at, bool):
-        return utcnow() + timedelta(seconds=run_at)
+        return (now or utcnow()) + timedelta(seconds=run_at)
     if isinstance(run_at, datetime):
         if run_at.tzinfo is not None:
             return run_at.astimezone(UTC).replace(tzinfo=None)
@@ -248,8 +255,8 @@ def enqueue_many(
     """``enqueue`` for many payloads: one INSERT, one commit, notifications published
     together with many confirms in flight. The same rules and hooks apply to each."""
     config = config or current()
-    requests = [validate(p, priority, run_at, queue, config) for p in payloads]
-    now = utcnow()
+    now = utcnow()  # one moment for the batch: created_at, and run_at unless given
+    requests = [validate(p, priority, run_at, queue, config, now) for p in payloads]
     new = [new_job(r, now, tracked=session is not None) for r in requests]
     for request, job in zip(requests, new, strict=True):
         run_enqueue_hooks(request, job)

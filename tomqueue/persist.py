@@ -36,6 +36,7 @@ COLUMNS = tuple(c.name for c in jobs.columns if c.name != "id")
 _ONE_ROUND_TRIP = {("postgresql", "psycopg"), ("mysql", "pymysql"), ("mariadb", "pymysql")}
 _statements: dict[tuple[str, str], tuple[str, bool]] = {}
 _CURSOR_KEY = "tomqueue_insert_cursor"
+_SMALL_TEXT = 1024  # MariaDB enqueue_many: a text up to this long may be one parameter
 
 
 def row_values(job: Job) -> dict[str, Any]:
@@ -104,31 +105,45 @@ _PG_TYPES = {
 }
 
 
+def _constant_columns(
+    new: list[Job], small_only: bool = False
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The columns whose value is the same in every row (name → value) and the others
+    (name → one value per row), in ``COLUMNS`` order. ``small_only``: a long text stays
+    with the rows (the MariaDB statement is split by size along its rows)."""
+    states = [job.__dict__ for job in new]
+    constant: dict[str, Any] = {}
+    varying: dict[str, list[Any]] = {}
+    for name in COLUMNS:
+        values = [state.get(name) for state in states]
+        first = values[0]
+        same = all(v == first and type(v) is type(first) for v in values)
+        if same and not (small_only and isinstance(first, str) and len(first) > _SMALL_TEXT):
+            constant[name] = first
+        else:
+            varying[name] = values
+    return constant, varying
+
+
 def _insert_unnest(target: Connection | None, engine: Engine, new: list[Job]) -> list[int]:
     """PostgreSQL: the rows as one array per column (a column whose value is the same in
     every row as one parameter), ``INSERT ... SELECT ... FROM unnest(...)``. The statement
     stays short — a multi-row ``VALUES`` with 15 placeholders per row is parsed by the
     driver on every call, which costs more than the insert — and the ids come back in row
     order (inserted in ``ORDER BY ord``, numbered in that order by the sequence)."""
-    states = [job.__dict__ for job in new]
-    chosen, arrays = [], []
-    scalars: list[Any] = []
-    for name in COLUMNS:
-        values = [state.get(name) for state in states]
-        first = values[0]
-        if all(v == first and type(v) is type(first) for v in values):
-            chosen.append(f"%s::{_PG_TYPES[name]}")
-            scalars.append(first)
-        else:
-            chosen.append(f"u.{name}")
-            arrays.append((name, values))
-    unnest = ", ".join(f"%s::{_PG_TYPES[name]}[]" for name, _ in arrays)
-    names = ", ".join(name for name, _ in arrays)
+    constant, varying = _constant_columns(new)
+    chosen = [
+        f"%s::{_PG_TYPES[name]}" if name in constant else f"u.{name}" for name in COLUMNS
+    ]
+    names = list(varying) or ["unused"]  # unnest needs an array: one of NULLs if need be
+    unnest = ", ".join(f"%s::{_PG_TYPES.get(name, 'int')}[]" for name in names)
+    arrays = list(varying.values()) or [[None] * len(new)]
     sql = (
         f"INSERT INTO delayed_jobs ({', '.join(COLUMNS)}) SELECT {', '.join(chosen)} "
-        f"FROM unnest({unnest}) WITH ORDINALITY AS u({names}, ord) ORDER BY ord RETURNING id"
+        f"FROM unnest({unnest}) WITH ORDINALITY AS u({', '.join(names)}, ord) "
+        "ORDER BY ord RETURNING id"
     )
-    params = (*scalars, *(values for _, values in arrays))
+    params = (*constant.values(), *arrays)
 
     def run(conn: Connection) -> list[int]:
         return sorted(int(row[0]) for row in conn.exec_driver_sql(sql, params))
@@ -155,24 +170,29 @@ def _json_table(engine: Engine) -> bool:
 def _insert_json_table(
     target: Connection | None, engine: Engine, new: list[Job], limit: int
 ) -> list[int]:
-    """MariaDB: the rows as JSON documents, ``INSERT ... SELECT ... FROM JSON_TABLE(...)
-    RETURNING id`` — one short statement and one parameter the driver escapes once, not
-    15 per row; as many statements as ``max_allowed_packet`` (``limit``) requires, in one
-    transaction; the ids come back in row order (``ORDER BY ord``)."""
-    columns = ", ".join(
-        f"{name} {_MARIADB_TYPES[name]} PATH '$[{i}]'" for i, name in enumerate(COLUMNS)
+    """MariaDB: ``INSERT ... SELECT ... FROM JSON_TABLE(...) RETURNING id`` — a column
+    whose (short) value is the same in every row is one parameter, the others travel as
+    one JSON document of rows, which the driver escapes once, not 15 parameters per row;
+    as many statements as ``max_allowed_packet`` (``limit``) requires, in one transaction;
+    the ids come back in row order (``ORDER BY ord``)."""
+    constant, varying = _constant_columns(new, small_only=True)
+    columns = "".join(
+        f", {name} {_MARIADB_TYPES[name]} PATH '$[{i}]'" for i, name in enumerate(varying)
     )
+    chosen = ["%s" if name in constant else f"j.{name}" for name in COLUMNS]
     sql = (
         f"INSERT INTO delayed_jobs ({', '.join(COLUMNS)}) "
-        f"SELECT {', '.join('j.' + name for name in COLUMNS)} FROM JSON_TABLE(%s, '$[*]' "
-        f"COLUMNS (ord FOR ORDINALITY, {columns})) AS j ORDER BY j.ord RETURNING id"
+        f"SELECT {', '.join(chosen)} FROM JSON_TABLE(%s, '$[*]' "
+        f"COLUMNS (ord FOR ORDINALITY{columns})) AS j ORDER BY j.ord RETURNING id"
     )
-    documents = _json_documents(new, limit)
+    scalars = tuple(constant.values())
+    rows = [list(row) for row in zip(*varying.values(), strict=True)] or [[]] * len(new)
+    documents = _json_documents(rows, limit - len(_dumps(scalars)))
 
     def run(conn: Connection) -> list[int]:
         ids: list[int] = []
         for document in documents:
-            ids += sorted(int(row[0]) for row in conn.exec_driver_sql(sql, (document,)))
+            ids += sorted(int(row[0]) for row in conn.exec_driver_sql(sql, (*scalars, document)))
         return ids
 
     if target is not None:
@@ -180,10 +200,9 @@ def _insert_json_table(
     return _retrying(lambda: _in_transaction(engine, run))
 
 
-def _json_documents(new: list[Job], limit: int) -> list[str]:
+def _json_documents(rows: list[list[Any]], limit: int) -> list[str]:
     """The rows as JSON arrays of rows, each document under ``limit`` bytes when it can be
     (one ``json.dumps`` for the whole batch when it fits, the common case)."""
-    rows = [[job.__dict__.get(name) for name in COLUMNS] for job in new]
     whole = _dumps(rows)
     if len(whole.encode()) <= limit:
         return [whole]

@@ -320,3 +320,33 @@ def test_enqueue_many_splits_its_statement_under_the_packet_limit(
     with get_engine(stack.config).connect() as conn:
         stored = dict(conn.execute(select(Job.id, Job.handler)).all())
     assert [stored[j.id] for j in jobs] == [j.handler for j in jobs]
+
+
+@on_stacks(("mysql", "polling"))
+def test_enqueue_many_of_one_long_handler_still_splits_under_the_packet_limit(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same 30 kB handler twenty times: a long text the same in every row still travels
+    with the rows (not as one parameter), so the statement splits as before."""
+    from sqlalchemy import event
+
+    from tomqueue import db
+
+    monkeypatch.setitem(db._statement_limits, stack.config.database_url, 300_000)
+    sizes: list[int] = []
+    engine = get_engine(stack.config)
+
+    def measure(_conn: object, _cursor: object, sql: str, params: object, *_: object) -> None:
+        if "JSON_TABLE" in sql:
+            sizes.append(sum(len(str(p)) for p in params))  # type: ignore[attr-defined]
+
+    event.listen(engine, "before_cursor_execute", measure)
+    try:
+        jobs = tomqueue.enqueue_many([Record(ledger_path, "z" * 30_000)] * 20)
+    finally:
+        event.remove(engine, "before_cursor_execute", measure)
+    assert len(sizes) >= 2 and max(sizes) < 300_000
+    with get_engine(stack.config).connect() as conn:
+        stored = dict(conn.execute(select(Job.id, Job.handler)).all())
+    assert [stored[j.id] for j in jobs] == [j.handler for j in jobs]
+

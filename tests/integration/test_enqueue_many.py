@@ -3,7 +3,7 @@ confirms on AMQP), the same rules as enqueue, and the caller's transaction respe
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -78,3 +78,20 @@ def test_enqueue_many_stores_every_column_as_given(stack: Stack, ledger_path: st
     assert [rows[j.id].run_at for j in jobs[:3]] == [run_at] * 3
     assert [(rows[j.id].priority, rows[j.id].queue) for j in jobs[3:]] == [(-5, "mail")] * 2
     assert all(rows[j.id].locked_at is None and rows[j.id].last_error is None for j in jobs)
+
+
+def test_enqueue_many_gives_its_batch_one_moment(stack: Stack, ledger_path: str) -> None:
+    """Without ``run_at`` every job of a batch is due at the batch's moment (its
+    ``created_at``); a relative ``run_at`` counts from that moment too. Identical jobs make
+    every column the same in every row: the bulk statements then carry no per-row data."""
+    jobs = tomqueue.enqueue_many([Record(ledger_path, "same")] * 50)
+    later = tomqueue.enqueue_many([Record(ledger_path, "later")] * 3, run_at=60)
+    assert {(j.run_at, j.created_at) for j in jobs} == {(jobs[0].created_at,) * 2}
+    assert {j.run_at - j.created_at for j in later} == {timedelta(seconds=60)}
+    with get_engine(stack.config).connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(Job.__table__))}
+    assert len(rows) == 53
+    for job in jobs + later:
+        row = rows[job.id]
+        for column in Job.__table__.columns:
+            assert getattr(row, column.name) == getattr(job, column.name), column.name
