@@ -55,6 +55,7 @@ from tomqueue import metrics
 from tomqueue.config import Config, default_worker_name
 from tomqueue.errors import BrokerUnavailable, ConfigError, PublishError, TomQueueError
 from tomqueue.logconfig import setup as setup_logging
+from tomqueue.runtime import settle_gc
 
 log = logging.getLogger("deferred")
 
@@ -285,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config.from_env()
         if options.metrics_port:
             metrics.serve(options.metrics_port)
-        return Manager(config, options.refresh_interval, options.stats_interval).run()
+        manager = Manager(config, options.refresh_interval, options.stats_interval)
+        settle_gc()
+        return manager.run()
     except TomQueueError as exc:
         print(f"deferred: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from tomqueue.config import Config
 from tomqueue.errors import TomQueueError
 from tomqueue.logconfig import add_options as add_log_options
 from tomqueue.logconfig import setup as setup_logging
+from tomqueue.runtime import settle_gc
 
 log = logging.getLogger("tomqueue.cli")
 
@@ -53,6 +54,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_priority=args.max_priority,
         exit_on_complete=args.exit_on_complete,
     )
+    settle_gc()
     return worker.run()
 
 
