@@ -63,6 +63,7 @@ class AmqpConsumer:
         self._last_settled: dict[str, float] = {}  # queue name -> when one was acked/nacked
         self._acks: list[Delivery] = []
         self._acks_lock = threading.Lock()
+        self._outstanding: set[int] = set()  # delivery tags not acked or nacked yet
 
     # --- owner thread ----------------------------------------------------------------
 
@@ -71,6 +72,7 @@ class AmqpConsumer:
         self._connection = connect(self.config, "worker")
         self._generation += 1
         self._unsettled.clear()  # the old channel's deliveries went back to the broker
+        self._outstanding.clear()
         self._last_settled.clear()
         with self._acks_lock:
             self._acks = []  # tags of the old channel mean nothing on the new one
@@ -115,6 +117,7 @@ class AmqpConsumer:
     def _delivery(
         self, level: str, method: Any, props: Any, body: bytes, source: str = ""
     ) -> Delivery:
+        self._outstanding.add(method.delivery_tag)
         return Delivery(
             body=body,
             level=level,
@@ -252,10 +255,24 @@ class AmqpConsumer:
         channel = self._consume
         if channel is None or not channel.is_open:
             return
+        acks = [d for d in acks if d.generation == self._generation]
         for delivery in acks:
-            if delivery.generation == self._generation:
-                channel._impl.basic_ack(delivery.tag)
-                self._settled(delivery)
+            self._settled(delivery)
+        self._send_acks(channel, {d.tag for d in acks})
+
+    def _send_acks(self, channel: BlockingChannel, tags: set[int]) -> None:
+        """One ``basic.ack`` with ``multiple`` for the tags below every delivery still
+        outstanding (it settles exactly those: the broker numbers a channel's deliveries
+        in order, and any it has sent that we have not read yet come after every tag we
+        know), one ``basic.ack`` each for the others. A batch of acks is then one frame,
+        not one per job, for us and for the broker."""
+        self._outstanding -= tags
+        below = min(self._outstanding, default=math.inf)
+        covered = [tag for tag in tags if tag < below]
+        if covered:
+            channel._impl.basic_ack(max(covered), multiple=True)
+        for tag in sorted(tag for tag in tags if tag >= below):
+            channel._impl.basic_ack(tag)
 
     def _settled(self, delivery: Delivery) -> None:
         if delivery.source:
@@ -266,6 +283,7 @@ class AmqpConsumer:
         def nack() -> None:
             if delivery.generation == self._generation and self._consume is not None:
                 self._consume.basic_nack(delivery.tag, requeue=True)
+                self._outstanding.discard(delivery.tag)
                 self._settled(delivery)
 
         if delivery.claim_ack():
