@@ -34,7 +34,7 @@ from tomqueue.db import get_engine
 from tomqueue.enqueue import notification
 from tomqueue.registry import Heartbeat
 from tomqueue.transport.base import Delivery
-from tomqueue.worker import db_lock, hot_sql
+from tomqueue.worker import hot_sql, locking
 from tomqueue.worker.work import Context, Work
 
 HANDLED = ("succeeded", "skipped_locked", "skipped_missing", "skipped_stale", "skipped_early")
@@ -178,7 +178,7 @@ def test_two_lockers_of_one_worker_never_both_take_a_job(
 
     def lock(work: Work) -> set[Work]:
         try:
-            return db_lock.lock_batch([work])
+            return locking.lock_batch([work])
         finally:
             ctx.release_connection()
 
@@ -207,7 +207,7 @@ def test_locking_a_job_waits_for_no_other_job(stack: Stack, ledger_path: str) ->
         with ctx.connection().use() as conn:  # fail fast instead of the default 50 s
             conn.exec_driver_sql(f"SET SESSION {variable} = 1")
         try:
-            assert db_lock.lock_batch([work]) == {work}
+            assert locking.lock_batch([work]) == {work}
         finally:
             other.rollback()
             with ctx.connection().use() as conn:

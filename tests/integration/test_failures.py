@@ -40,7 +40,7 @@ from tomqueue.message import Notification, decode
 from tomqueue.registry import Heartbeat
 from tomqueue.schema import Job
 from tomqueue.transport.base import Delivery
-from tomqueue.worker import db_lock, outcome, pipeline
+from tomqueue.worker import db_lock, locking, outcome, pipeline
 from tomqueue.worker.outcome import Retry, Succeeded
 from tomqueue.worker.work import Context, Work
 
@@ -218,7 +218,7 @@ def kept_outcomes(config: tomqueue.Config, ledger_path: str, mp: pytest.MonkeyPa
 def locked(ctx: Context, job: Any) -> Work:
     work = Work(ctx, Delivery(b"", "normal"))
     work.note = notification(job)
-    assert db_lock.lock_batch([work]) == {work}
+    assert locking.lock_batch([work]) == {work}
     return work
 
 
@@ -242,7 +242,7 @@ def test_an_outcome_that_could_not_be_written_is_written_with_the_next_batch(
     ctx, done = kept[0], kept[1]
     copy = Work(ctx, Delivery(b"", "normal"))  # the given-back delivery, redelivered
     copy.note = notification(done)
-    assert db_lock.lock_batch([copy]) == set()
+    assert locking.lock_batch([copy]) == set()
 
     later = Work(ctx, Delivery(b"", "normal"))  # the next batch: a job that was not taken
     db_lock.leave([later], lambda batch: None)

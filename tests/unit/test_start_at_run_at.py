@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from tomqueue import Config
 from tomqueue.schema import Job
 from tomqueue.transport.base import Delivery
-from tomqueue.worker import db_lock, timeout
+from tomqueue.worker import locking, timeout
 from tomqueue.worker.outcome import Released
 from tomqueue.worker.work import Context, StartAt, Work
 
@@ -63,7 +63,7 @@ def test_the_lock_sets_a_start_only_for_a_job_not_yet_due() -> None:
         work.job = Job(id=1, run_at=locked_at + timedelta(seconds=due_in))
         work.locked_at = locked_at
         sent = time.monotonic()
-        db_lock._after_lock(work, sent)
+        locking._after_lock(work, sent)
         assert (work.start_at is not None) is waits
         if work.start_at is not None:
             assert work.start_at.earliest == sent + 0.3
