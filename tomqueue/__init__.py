@@ -25,7 +25,8 @@ from tomqueue.errors import (
     TomQueueError,
 )
 from tomqueue.schema import Job
-from tomqueue.worker.process import Worker, work_off
+from tomqueue.worker.process import Worker
+from tomqueue.worker.work_off import work_off
 
 __version__ = "0.1.0"
 
