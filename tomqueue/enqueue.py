@@ -97,19 +97,21 @@ def _limit_reason(config: Config) -> str:
 
 
 def _normalize_time(run_at: Any, now: datetime | None = None) -> datetime:
-    if run_at is None:
-        return now or utcnow()
-    if isinstance(run_at, timedelta):
-        return (now or utcnow()) + run_at
-    if isinstance(run_at, int | float) and not isinstance(run_at, bool):
-        return (now or utcnow()) + timedelta(seconds=run_at)
     if isinstance(run_at, datetime):
         if run_at.tzinfo is not None:
             return run_at.astimezone(UTC).replace(tzinfo=None)
         return run_at  # naive datetimes are UTC
-    raise EnqueueError(
-        f"run_at must be a datetime (naive = UTC), a timedelta or seconds, got {run_at!r}"
-    )
+    if run_at is None:
+        delay = timedelta()
+    elif isinstance(run_at, timedelta):
+        delay = run_at
+    elif isinstance(run_at, int | float) and not isinstance(run_at, bool):
+        delay = timedelta(seconds=run_at)
+    else:
+        raise EnqueueError(
+            f"run_at must be a datetime (naive = UTC), a timedelta or seconds, got {run_at!r}"
+        )
+    return (now or utcnow()) + delay
 
 
 # --- layer 2: hooks --------------------------------------------------------------------
