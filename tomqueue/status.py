@@ -98,12 +98,18 @@ def _workers(conn: Connection, config: Config, now: datetime) -> list[dict[str, 
             "pid": w.pid,
             "queues": w.queues,
             "started_at": w.started_at.isoformat(),
-            "last_seen_seconds_ago": round((now - w.last_seen).total_seconds(), 1),
+            "last_seen_seconds_ago": _seconds_ago(now, w.last_seen),
             "alive": w.last_seen >= alive_since,
             "current_jobs": json.loads(w.current_jobs or "[]"),
         }
         for w in rows
     ]
+
+
+def _seconds_ago(now: datetime, then: datetime) -> float:
+    """Age of a heartbeat, never negative: one written after this report read the database
+    clock (a process refreshing its row meanwhile) is 0 s old, not "-0s"."""
+    return max(0.0, round((now - then).total_seconds(), 1))
 
 
 def _managers(conn: Connection, config: Config, now: datetime) -> list[dict[str, Any]]:
@@ -120,7 +126,7 @@ def _managers(conn: Connection, config: Config, now: datetime) -> list[dict[str,
             "pid": m.pid,
             "queue": m.queue,
             "started_at": _as_datetime(m.started_at).isoformat(),
-            "last_seen_seconds_ago": round((now - _as_datetime(m.last_seen)).total_seconds(), 1),
+            "last_seen_seconds_ago": _seconds_ago(now, _as_datetime(m.last_seen)),
             "alive": _as_datetime(m.last_seen) >= alive_since,
             "held": m.held,
             "next_due": _as_datetime(m.next_due).isoformat() if m.next_due else None,
