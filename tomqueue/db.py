@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, literal_column, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from tomqueue.config import Config
@@ -213,6 +215,55 @@ class HeldConnection:
         if conn is not None:
             with suppress(Exception):
                 conn.close()
+
+
+_CURSOR_KEY = "tomqueue_cursor"
+
+
+def kept_cursor(raw: PoolProxiedConnection) -> Any:
+    """The driver cursor kept with a pooled DBAPI connection (its ``info`` lives as long as
+    that connection and is cleared when it is replaced): one cursor per connection, used
+    by one thread at a time like the connection itself."""
+    cursor = raw.info.get(_CURSOR_KEY)
+    if cursor is None:
+        cursor = raw.info[_CURSOR_KEY] = raw.cursor()
+    return cursor
+
+
+def driver_execute(conn: Connection, sql: str, params: Sequence[Any]) -> Any:
+    """Run one statement (the driver's own SQL and parameter style) on the connection's
+    kept driver cursor and return that cursor. For the hot statements: SQLAlchemy's
+    execution context costs ~0.3 ms a statement on a host whose CPU was idle, more than a
+    lock statement's own work. Errors are raised as SQLAlchemy's, as any statement's are."""
+    raw = conn.connection
+    cursor = kept_cursor(raw)
+    try:
+        cursor.execute(sql, params)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise driver_error(conn.engine, raw, exc, sql, params, cursor) from exc
+    return cursor
+
+
+def driver_error(
+    engine: Engine,
+    raw: PoolProxiedConnection | None,
+    exc: Any,
+    sql: str | None,
+    params: Any,
+    cursor: Any = None,
+) -> BaseException:
+    """SQLAlchemy's exception for a driver error; a lost connection is invalidated, and so
+    is the rest of the pool (after a database restart every pooled connection is dead)."""
+    dialect = engine.dialect
+    lost = raw is not None and dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
+    if lost:
+        assert raw is not None
+        raw.invalidate(exc)
+        engine.dispose()
+    wrapped: BaseException = DBAPIError.instance(
+        sql, params, exc, dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=dialect
+    )
+    return wrapped
 
 
 def db_now(conn: Connection) -> datetime:

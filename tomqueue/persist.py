@@ -23,10 +23,16 @@ from sqlalchemy import Connection, Engine, insert
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import PoolProxiedConnection
 
 from tomqueue.config import Config
-from tomqueue.db import STATEMENT_MARGIN, get_autocommit_engine, get_engine, statement_limit
+from tomqueue.db import (
+    STATEMENT_MARGIN,
+    driver_error,
+    get_autocommit_engine,
+    get_engine,
+    kept_cursor,
+    statement_limit,
+)
 from tomqueue.schema import Job, jobs
 
 T = TypeVar("T")
@@ -35,7 +41,6 @@ COLUMNS = tuple(c.name for c in jobs.columns if c.name != "id")
 # drivers whose parameters need no conversion by SQLAlchemy for our column types
 _ONE_ROUND_TRIP = {("postgresql", "psycopg"), ("mysql", "pymysql"), ("mariadb", "pymysql")}
 _statements: dict[tuple[str, str], tuple[str, bool]] = {}
-_CURSOR_KEY = "tomqueue_insert_cursor"
 _SMALL_TEXT = 1024  # MariaDB enqueue_many: a text up to this long may be one parameter
 
 
@@ -259,26 +264,16 @@ def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
     try:
         raw = engine.raw_connection()
     except error as exc:  # cannot connect
-        raise _wrapped(engine, None, exc, None, None) from exc
+        raise driver_error(engine, None, exc, None, None) from exc
     try:
-        cursor = _cursor(raw)
+        cursor = kept_cursor(raw)
         try:
             cursor.execute(sql, values)
             return int(cursor.fetchone()[0] if returning else cursor.lastrowid)
         except error as exc:
-            raise _wrapped(engine, raw, exc, sql, values, cursor) from exc
+            raise driver_error(engine, raw, exc, sql, values, cursor) from exc
     finally:
         raw.close()
-
-
-def _cursor(raw: PoolProxiedConnection) -> Any:
-    """The driver cursor kept with the pooled DBAPI connection (its ``info`` lives as long
-    as that connection and is cleared when it is replaced): one cursor per connection,
-    used by one thread at a time like the connection itself."""
-    cursor = raw.info.get(_CURSOR_KEY)
-    if cursor is None:
-        cursor = raw.info[_CURSOR_KEY] = raw.cursor()
-    return cursor
 
 
 def _statement(engine: Engine) -> tuple[str, bool]:
@@ -292,25 +287,3 @@ def _statement(engine: Engine) -> tuple[str, bool]:
         sql = str(statement.compile(dialect=dialect, column_keys=list(COLUMNS)))
         found = _statements[key] = (sql, returning)
     return found
-
-
-def _wrapped(
-    engine: Engine,
-    raw: PoolProxiedConnection | None,
-    exc: Any,
-    sql: str | None,
-    values: dict[str, Any] | None,
-    cursor: Any = None,
-) -> BaseException:
-    """SQLAlchemy's exception for a driver error; a lost connection is invalidated, and so
-    is the rest of the pool (after a database restart every pooled connection is dead)."""
-    dialect = engine.dialect
-    lost = raw is not None and dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
-    if lost:
-        assert raw is not None
-        raw.invalidate(exc)
-        engine.dispose()
-    wrapped: BaseException = DBAPIError.instance(
-        sql, values, exc, dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=dialect
-    )
-    return wrapped

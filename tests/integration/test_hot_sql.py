@@ -1,0 +1,65 @@
+"""The worker's hot statements (``tomqueue.worker.hot_sql``), run on the driver's cursor:
+a batch of one (its own statement shape) and a batch of several lock and delete exactly
+the rows whose version / fence match, on every database; a driver error comes out as
+SQLAlchemy's, transient when the connection was lost."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.exc import DBAPIError
+
+import tomqueue
+from tests.conftest import DATABASES, Stack, on_stacks
+from tests.e2e.faults import dbctl
+from tests.jobs import Record
+from tomqueue.db import HeldConnection
+from tomqueue.worker import hot_sql, outcome
+
+POLLING = [(d, "polling") for d in DATABASES]
+
+
+@on_stacks(*POLLING)
+@pytest.mark.parametrize("size", [1, 3])
+def test_lock_and_delete_take_only_the_rows_that_match(
+    stack: Stack, ledger_path: str, size: int
+) -> None:
+    jobs = [tomqueue.enqueue(Record(ledger_path, str(i))) for i in range(size)]
+    held = HeldConnection(stack.config)
+    try:
+        wrong = [(job.id, job.version + 1) for job in jobs]
+        with held.use() as conn:
+            assert hot_sql.lock_plain(conn, "hot-test", wrong, 0.0) == []
+        with held.use() as conn:
+            rows = hot_sql.lock_plain(conn, "hot-test", [(j.id, j.version) for j in jobs], 0.0)
+        assert sorted(row["id"] for row in rows) == sorted(job.id for job in jobs)
+        assert {(row["locked_by"], row["fence"]) for row in rows} == {("hot-test", 1)}
+        assert all(row["locked_at"] is not None and row["handler"] for row in rows)
+        with held.use() as conn:  # locked now: not taken again
+            assert hot_sql.lock_plain(conn, "other", [(j.id, j.version) for j in jobs], 0.0) == []
+        with held.use() as conn:
+            assert hot_sql.delete_done(conn, [(job.id, 0) for job in jobs]) == set()
+        with held.use() as conn:
+            assert hot_sql.delete_done(conn, [(job.id, 1) for job in jobs]) == {j.id for j in jobs}
+    finally:
+        held.close()
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_a_lost_connection_fails_the_lock_as_a_transient_error(
+    stack: Stack, ledger_path: str
+) -> None:
+    job = tomqueue.enqueue(Record(ledger_path, "lost"))
+    held = HeldConnection(stack.config)
+    try:
+        with held.use() as conn:
+            assert hot_sql.delete_done(conn, [(job.id, 99)]) == set()  # connected, in use
+        assert dbctl.kill_sessions(stack.config) >= 1
+        with pytest.raises(DBAPIError) as raised, held.use() as conn:
+            hot_sql.lock_plain(conn, "hot-test", [(job.id, job.version)], 0.0)
+        assert outcome._transient(raised.value), repr(raised.value)
+        with held.use() as conn:  # the next use connects afresh
+            assert [r["id"] for r in hot_sql.lock_plain(conn, "hot-test", [(job.id, 1)], 0.0)] == [
+                job.id
+            ]
+    finally:
+        held.close()
