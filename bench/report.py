@@ -392,6 +392,12 @@ def _w3_rows(db: str, w3: dict[str, Any]) -> list[Row]:
                 f"W3 latency {p}" if target else "",
             )
         )
+    floor = w3.get("floor", {})
+    for p in ("p50", "p99"):
+        mine, bare = o.get(f"{p}_ms"), floor.get(f"{p}_ms")
+        if bare:
+            share = f" (ours {mine / bare:.2f}x)" if mine else ""
+            out.append((db, "W3", f"bare-chain floor {p}{share}", fmt(bare), "", "", "", ""))
     slow = w3.get("baseline_default_sleep")
     if slow:
         mine, theirs = o.get("p50_ms"), slow.get("p50_ms")

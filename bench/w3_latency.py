@@ -3,9 +3,10 @@
 Latency = the job's ``Stamp`` at ``perform`` start minus the time recorded just before the
 enqueue call. Ours: ``tomqueue.enqueue`` (autocommit INSERT, hand-off to the background
 publisher, which publishes with confirms) to a ``tomqueue worker`` waiting on RabbitMQ.
-Baseline: a one-INSERT enqueue to a polling ``bench.dj_baseline`` sleeping ``dj_fast_sleep``
-between empty polls (and, with ``--large``, Delayed::Job's default ``sleep_delay`` of 5 s;
-otherwise that is reported as a note).
+Floor: ``bench/w3_floor.py``, the same chain with none of our code (two durable commits and
+RabbitMQ's hop). Baseline: a one-INSERT enqueue to a polling ``bench.dj_baseline`` sleeping
+``dj_fast_sleep`` between empty polls (and, with ``--large``, Delayed::Job's default
+``sleep_delay`` of 5 s; otherwise that is reported as a note).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import tomqueue
-from bench import dj_baseline, procs
+from bench import dj_baseline, procs, w3_floor
 from bench.env import Target, consumers, reset, work_queues
 from bench.jobs import Stamp, read_stamps
 from bench.options import Options
@@ -98,6 +99,17 @@ def run_ours(target: Target, opts: Options) -> dict[str, Any]:
     return result
 
 
+def run_floor(target: Target, opts: Options) -> dict[str, Any]:
+    """The same pacing through the bare chain (``bench/w3_floor.py``): the host's floor."""
+
+    def send_jobs(send: Callable[[str], None], path: str) -> dict[str, Any]:
+        count = int(opts.sizes.w3_seconds / opts.sizes.w3_interval)
+        sent, took = paced(count, opts.sizes.w3_interval, send)
+        return latencies(sent, took, path, timeout=30)
+
+    return w3_floor.run(target, opts, send_jobs)
+
+
 def run_baseline(target: Target, opts: Options, sleep: float, tag: str) -> dict[str, Any]:
     reset(target)
     path = str(target.path(f"w3-{tag}.stamps"))
@@ -137,6 +149,7 @@ def run(target: Target, opts: Options) -> dict[str, Any]:
         "interval_ms": sizes.w3_interval * 1000,
         "seconds": sizes.w3_seconds,
         "ours": run_ours(target, opts),
+        "floor": run_floor(target, opts),
         "baseline": run_baseline(target, opts, sizes.dj_fast_sleep, "baseline"),
     }
     if sizes.measure_dj_default_sleep:
