@@ -44,43 +44,34 @@ def reads_back(dialect: str) -> bool:
 
 
 def lock_plain(conn: Connection, name: str, pairs: Pairs, tolerance: float) -> list[dict[str, Any]]:
-    """Lock what can run at once; returns the locked rows as they are now. A batch of one
-    (an idle worker's) names its row with ``id = %s AND version = %s``: PostgreSQL runs
-    that ~0.35 ms sooner than the array join."""
+    """Lock what can run at once; returns the locked rows as they are now."""
     dialect = conn.dialect.name
     now = str(now_sql(dialect))
     values = f"locked_at = {now}, locked_by = %s, fence = fence + 1, updated_at = {now}"
     ready = "failed_at IS NULL AND locked_at IS NULL"
-    ids = [p[0] for p in pairs]
+    match, params = _match(pairs, "version", dialect)
     if dialect == "postgresql":
-        match, params = _match_pg(pairs, "version")
         sql = (
             f"UPDATE delayed_jobs SET {values} WHERE {match} "
             f"AND {ready} AND run_at <= {now} + %s * interval '1 second' RETURNING {COLUMNS}"
         )
         return _rows(conn, sql, (name, *params, tolerance))
-    match, params = _match(pairs, "version")
     due = f"run_at <= {now} + INTERVAL %s MICROSECOND" if dialect != "sqlite" else "run_at <= %s"
     table = "delayed_jobs" if dialect == "sqlite" else f"delayed_jobs {BY_PRIMARY_KEY}"
     sql = f"UPDATE {table} SET {values} WHERE {match} AND {ready} AND {due}"
-    limit: Any = round(tolerance * 1_000_000)
     if dialect == "sqlite":
         limit = _sqlite_now_plus(conn, tolerance)
         return _rows(conn, f"{sql} RETURNING {COLUMNS}", (name, *params, limit))
-    driver_execute(conn, sql, (name, *params, limit))
+    driver_execute(conn, sql, (name, *params, round(tolerance * 1_000_000)))
+    ids = [p[0] for p in pairs]
     mine = f"SELECT {COLUMNS} FROM delayed_jobs WHERE {_in(ids)} AND locked_by = %s"
     return _rows(conn, mine, (*ids, name))
 
 
 def delete_done(conn: Connection, pairs: Pairs) -> set[int]:
     """Delete the jobs whose fence still matches; returns the ids deleted."""
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        match, params = _match_pg(pairs, "fence")
-        sql = f"DELETE FROM delayed_jobs WHERE {match} RETURNING id"
-        return {row["id"] for row in _rows(conn, sql, params)}
-    if conn.dialect.delete_returning:
-        match, params = _match(pairs, "fence")
+    if conn.dialect.delete_returning:  # PostgreSQL, SQLite, MariaDB
+        match, params = _match(pairs, "fence", conn.dialect.name)
         sql = f"DELETE FROM delayed_jobs WHERE {match} RETURNING id"
         return {row["id"] for row in _rows(conn, sql, params)}
     one = "DELETE FROM delayed_jobs WHERE id = %s AND fence = %s"
@@ -89,24 +80,19 @@ def delete_done(conn: Connection, pairs: Pairs) -> set[int]:
     }
 
 
-def _match_pg(pairs: Pairs, column: str) -> tuple[str, tuple[Any, ...]]:
-    """PostgreSQL: the rows named by (id, ``column``) pairs, as arrays (one statement
-    whatever the batch's size); one pair as plain equalities."""
+def _match(pairs: Pairs, column: str, dialect: str) -> tuple[str, tuple[Any, ...]]:
+    """The rows named by (id, ``column``) pairs, with %s placeholders, and the parameters.
+    One pair (an idle worker's batch): plain equalities — on PostgreSQL ~0.35 ms sooner
+    than the array join. PostgreSQL: arrays, one statement text whatever the batch's size.
+    Others: ``id IN (...) AND (id, <column>) IN (...)``, ids first: the plain ``id IN``
+    lets MySQL use the primary key (a row-value ``IN`` alone is a scan)."""
     if len(pairs) == 1:
         return f"id = %s AND {column} = %s", pairs[0]
     ids = [p[0] for p in pairs]
-    match = f"id = ANY(%s) AND (id, {column}) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
-    return match, (ids, ids, [p[1] for p in pairs])
-
-
-def _match(pairs: Pairs, column: str) -> tuple[str, tuple[Any, ...]]:
-    """``id IN (...) AND (id, <column>) IN (...)`` with %s placeholders, ids first: the
-    plain ``id IN`` lets MySQL use the primary key (a row-value ``IN`` alone is a scan).
-    One pair: plain equalities."""
-    if len(pairs) == 1:
-        return f"id = %s AND {column} = %s", pairs[0]
+    if dialect == "postgresql":
+        arrays = f"(id, {column}) IN (SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
+        return f"id = ANY(%s) AND {arrays}", (ids, ids, [p[1] for p in pairs])
     rows = ", ".join(["(%s, %s)"] * len(pairs))
-    ids = [p[0] for p in pairs]
     flat = [value for pair in pairs for value in pair]
     return f"{_in(ids)} AND (id, {column}) IN ({rows})", (*ids, *flat)
 
