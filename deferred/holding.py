@@ -36,7 +36,7 @@ from tomqueue.config import Config
 from tomqueue.errors import TomQueueError
 from tomqueue.message import decode
 from tomqueue.topology import Topology
-from tomqueue.transport.amqp import declare_deferred, properties
+from tomqueue.transport.amqp import declare_deferred
 
 log = logging.getLogger("deferred")
 
@@ -179,7 +179,7 @@ class Holding:
             exchange = self.topology.work_exchange
             key = self.topology.routing_key(note.queue, level)
             action = action or "published"
-        session.publisher.send(exchange, key, note.encode(), properties(note, level), entry[TAG])
+        session.publisher.send(exchange, key, note, level, entry[TAG])
         self.counters[action] += 1
 
     def settle(self, session: Session) -> None:

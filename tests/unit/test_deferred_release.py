@@ -28,7 +28,7 @@ class FakePublisher:
     def __init__(self) -> None:
         self.sent: list[tuple[str, int]] = []  # (exchange, when in µs)
 
-    def send(self, exchange: str, key: str, body: bytes, props: Any, tag: int) -> None:
+    def send(self, exchange: str, key: str, note: Notification, level: str, tag: int) -> None:
         self.sent.append((exchange, holding.now_us()))
 
     def take_confirmed(self) -> list[int]:

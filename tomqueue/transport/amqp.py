@@ -202,7 +202,7 @@ class AmqpPublisher:
             exchange, key, level = route(note, self.config, channel.topology)
             if exchange == channel.topology.work_exchange:
                 channel.ensure_queue_set(note.queue)
-            pipe.send(exchange, key, note.encode(), properties(note, level), i)
+            pipe.send(exchange, key, note, level, i)
             if pipe.in_flight >= PIPELINE_WINDOW:
                 self._settle(pipe, PIPELINE_WINDOW // 2)
         self._settle(pipe, 0)

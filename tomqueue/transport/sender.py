@@ -25,7 +25,7 @@ from pika.adapters.blocking_connection import BlockingConnection
 from tomqueue.config import Config
 from tomqueue.errors import ConfigError, PublishError
 from tomqueue.message import Notification
-from tomqueue.transport.amqp import ConfirmedChannel, connect, properties, route
+from tomqueue.transport.amqp import ConfirmedChannel, connect, route
 from tomqueue.transport.pipelined import PipelinedPublisher
 
 log = logging.getLogger("tomqueue.publisher")
@@ -212,7 +212,7 @@ class Sender:
                 except ConfigError as exc:  # a queue of that name exists with other arguments
                     self._retry_later(self.outbox.popleft(), str(exc))
                     raise PublishError(str(exc)) from None  # its channel is closed: start over
-            pipe.send(exchange, key, entry.note.encode(), properties(entry.note, level), entry.seq)
+            pipe.send(exchange, key, entry.note, level, entry.seq)
             self._sent[self.outbox.popleft().seq] = entry
         self._last_batch = len(self._sent)
         pipe.coalesce()
