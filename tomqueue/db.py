@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -73,7 +74,11 @@ def dispose_engines() -> None:
     pid = os.getpid()
     with _engines_lock:
         for key in [key for key in _engines if key[0] == pid]:
-            _engines.pop(key).dispose()
+            engine = _engines.pop(key)
+            stack = _stacks.pop(engine, None)
+            if stack is not None:
+                stack.close()
+            engine.dispose()
 
 
 def make_engine(url: str, autocommit: bool = False) -> Engine:
@@ -215,6 +220,74 @@ class HeldConnection:
         if conn is not None:
             with suppress(Exception):
                 conn.close()
+
+
+class ConnectionStack:
+    """Pooled connections kept checked out between single statements (``enqueue``'s
+    INSERT): taking one is a list pop instead of a pool checkout and check-in, which cost
+    ~20 µs of CPU and ~40 µs of a round trip's time on our 2-core machines. Last in, first
+    out, at most ``KEEP`` idle. A connection goes back to the pool when it failed, after
+    ``KEEP_FOR`` seconds, or once the engine's pool was replaced (``driver_error`` disposes
+    of it after a lost connection): the pool's recycling and invalidation still apply."""
+
+    KEEP = 4
+    KEEP_FOR = 60.0
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._idle: list[PoolProxiedConnection] = []
+
+    def take(self) -> PoolProxiedConnection:
+        while self._idle:
+            try:
+                raw = self._idle.pop()  # atomic: another thread may have taken the last
+            except IndexError:
+                break
+            if self._fresh(raw):
+                return raw
+            self._release(raw)
+        raw = self.engine.raw_connection()
+        raw.info[_KEPT_KEY] = (self.engine.pool, time.monotonic())
+        return raw
+
+    def give_back(self, raw: PoolProxiedConnection, failed: bool = False) -> None:
+        if not failed and self._fresh(raw) and len(self._idle) < self.KEEP:
+            self._idle.append(raw)
+        else:
+            self._release(raw)
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for raw in idle:
+            with suppress(Exception):
+                raw.close()
+
+    def _release(self, raw: PoolProxiedConnection) -> None:
+        """Back to its pool; closed outright if that pool was replaced (a disposed pool
+        keeps what is checked in until it is garbage-collected)."""
+        pool, _since = raw.info.get(_KEPT_KEY, (None, 0.0))
+        if raw.is_valid and pool is not self.engine.pool:
+            raw.detach()
+        raw.close()
+
+    def _fresh(self, raw: PoolProxiedConnection) -> bool:
+        pool, since = raw.info.get(_KEPT_KEY, (None, 0.0))
+        return (
+            raw.is_valid and pool is self.engine.pool and time.monotonic() - since < self.KEEP_FOR
+        )
+
+
+_stacks: dict[Engine, ConnectionStack] = {}
+_KEPT_KEY = "tomqueue_kept"
+
+
+def connection_stack(engine: Engine) -> ConnectionStack:
+    """The engine's ``ConnectionStack`` (created once; closed by ``dispose_engines``)."""
+    stack = _stacks.get(engine)
+    if stack is None:
+        with _engines_lock:
+            stack = _stacks.setdefault(engine, ConnectionStack(engine))
+    return stack
 
 
 _CURSOR_KEY = "tomqueue_cursor"

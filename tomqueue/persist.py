@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from tomqueue.config import Config
 from tomqueue.db import (
     STATEMENT_MARGIN,
+    connection_stack,
     driver_error,
     get_autocommit_engine,
     get_engine,
@@ -254,26 +255,30 @@ def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
 
 
 def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
-    """One INSERT on an autocommit connection: pool checkout, one round trip, check-in (no
-    rollback: there is no transaction). The statement goes straight to the driver's cursor
-    — SQLAlchemy's Connection and execution context cost as much as the rest of
-    ``enqueue`` — and a driver error is raised as SQLAlchemy's ``DBAPIError``, as any
-    other statement's would be."""
+    """One INSERT on an autocommit connection kept out of the pool between calls
+    (``ConnectionStack``): one round trip, nothing to roll back. The statement goes
+    straight to the driver's cursor — SQLAlchemy's Connection and execution context cost
+    as much as the rest of ``enqueue`` — and a driver error is raised as SQLAlchemy's
+    ``DBAPIError``, as any other statement's would be."""
     sql, returning = _statement(engine)
     error = engine.dialect.loaded_dbapi.Error
+    stack = connection_stack(engine)
     try:
-        raw = engine.raw_connection()
+        raw = stack.take()
     except error as exc:  # cannot connect
         raise driver_error(engine, None, exc, None, None) from exc
+    failed = True
     try:
         cursor = kept_cursor(raw)
         try:
             cursor.execute(sql, values)
-            return int(cursor.fetchone()[0] if returning else cursor.lastrowid)
+            new_id = int(cursor.fetchone()[0] if returning else cursor.lastrowid)
         except error as exc:
             raise driver_error(engine, raw, exc, sql, values, cursor) from exc
+        failed = False
+        return new_id
     finally:
-        raw.close()
+        stack.give_back(raw, failed)
 
 
 def _statement(engine: Engine) -> tuple[str, bool]:

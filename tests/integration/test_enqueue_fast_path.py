@@ -15,19 +15,62 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import PoolProxiedConnection
 
 import tomqueue
 from tests.conftest import AMQP_STACKS, Stack, amqp_channel, drain_queue, job_count, on_stacks
 from tests.jobs import Record
 from tests.ports import free_port
 from tomqueue import persist
-from tomqueue.db import get_autocommit_engine, get_engine
+from tomqueue.config import Config
+from tomqueue.db import (
+    ConnectionStack,
+    connection_stack,
+    dispose_engines,
+    get_autocommit_engine,
+    get_engine,
+)
 from tomqueue.errors import PublishError
 from tomqueue.message import decode
 from tomqueue.transport import background
+
+
+def kept_connections(config: Config) -> list[PoolProxiedConnection]:
+    return list(connection_stack(get_autocommit_engine(config))._idle)
+
+
+def server_session(config: Config, raw: PoolProxiedConnection) -> int:
+    postgres = get_engine(config).dialect.name == "postgresql"
+    cursor = raw.cursor()
+    cursor.execute("SELECT pg_backend_pid()" if postgres else "SELECT CONNECTION_ID()")
+    return int(cursor.fetchone()[0])
+
+
+def kill_session(config: Config, session: int) -> None:
+    with get_engine(config).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": session})
+        else:
+            conn.exec_driver_sql(f"KILL {int(session)}")
+
+
+def session_alive(config: Config, session: int) -> bool:
+    with get_engine(config).connect() as conn:
+        if conn.dialect.name == "postgresql":
+            sql = "SELECT count(*) FROM pg_stat_activity WHERE pid = :s"
+        else:
+            sql = "SELECT count(*) FROM information_schema.processlist WHERE id = :s"
+        return bool(conn.execute(text(sql), {"s": session}).scalar_one())
+
+
+def pool_checkouts(config: Config) -> list[int]:
+    """A list that grows by one at each checkout from the enqueue engine's pool."""
+    seen: list[int] = []
+    event.listen(get_autocommit_engine(config), "checkout", lambda *_: seen.append(1))
+    return seen
 
 
 def normal_queue_ids(stack: Stack) -> list[int]:
@@ -92,16 +135,8 @@ def test_a_dead_pooled_connection_is_retried_once(
     next enqueue fails once on it, invalidates the pool and succeeds on a fresh one."""
     config = stack.config
     tomqueue.enqueue(Record(ledger_path, "first"))
-    postgres = stack.database == "postgresql"
-    with get_autocommit_engine(config).connect() as conn:  # the pooled enqueue connection
-        session = conn.exec_driver_sql(
-            "SELECT pg_backend_pid()" if postgres else "SELECT CONNECTION_ID()"
-        ).scalar_one()
-    with get_engine(config).begin() as conn:
-        if postgres:
-            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": session})
-        else:
-            conn.exec_driver_sql(f"KILL {int(session)}")
+    (kept,) = kept_connections(config)  # the enqueue connection, kept out of the pool
+    kill_session(config, server_session(config, kept))
     time.sleep(0.2)
     attempts: list[BaseException | None] = []
     original = persist._insert_autocommit
@@ -201,3 +236,92 @@ def test_an_unreachable_database_raises_sqlalchemys_error(stack: Stack, ledger_p
     config = stack.config.replace(database_url=url.render_as_string(hide_password=False))
     with pytest.raises(OperationalError):
         tomqueue.enqueue(Record(ledger_path, "nowhere"), config=config)
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_enqueue_keeps_one_connection_out_of_the_pool(stack: Stack, ledger_path: str) -> None:
+    """One-by-one enqueues take their connection from the stack, not from the pool: one
+    checkout for twenty INSERTs, and the same server session throughout."""
+    config = stack.config
+    tomqueue.enqueue(Record(ledger_path, "warm"))
+    (kept,) = kept_connections(config)
+    session = server_session(config, kept)
+    checkouts = pool_checkouts(config)
+    for i in range(20):
+        tomqueue.enqueue(Record(ledger_path, f"j{i}"))
+    assert checkouts == []
+    assert [server_session(config, raw) for raw in kept_connections(config)] == [session]
+    assert job_count(config) == 21
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_a_kept_connection_goes_back_to_the_pool_after_keep_for(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older than ``KEEP_FOR``: returned to the pool (where recycling and invalidation
+    apply) and checked out again."""
+    config = stack.config
+    tomqueue.enqueue(Record(ledger_path, "warm"))
+    monkeypatch.setattr(ConnectionStack, "KEEP_FOR", 0.0)
+    checkouts = pool_checkouts(config)
+    for i in range(3):
+        tomqueue.enqueue(Record(ledger_path, f"j{i}"))
+    assert len(checkouts) == 3
+    assert kept_connections(config) == []
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_a_replaced_pool_is_not_bypassed(stack: Stack, ledger_path: str) -> None:
+    """After the engine's pool is replaced (``driver_error`` disposes of it when another
+    statement lost its connection), the kept connection is closed, not used: the next
+    enqueue checks out a fresh one from the new pool."""
+    config = stack.config
+    tomqueue.enqueue(Record(ledger_path, "warm"))
+    (kept,) = kept_connections(config)
+    old_session = server_session(config, kept)
+    get_autocommit_engine(config).dispose()
+    checkouts = pool_checkouts(config)
+    tomqueue.enqueue(Record(ledger_path, "after"))
+    assert len(checkouts) == 1
+    (fresh,) = kept_connections(config)
+    assert server_session(config, fresh) != old_session
+    assert not session_alive(config, old_session)
+    assert job_count(config) == 2
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_dispose_engines_closes_the_kept_connections(stack: Stack, ledger_path: str) -> None:
+    config = stack.config
+    tomqueue.enqueue(Record(ledger_path, "warm"))
+    (kept,) = kept_connections(config)
+    session = server_session(config, kept)
+    dispose_engines()
+    assert not session_alive(config, session)
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_concurrent_enqueues_keep_at_most_keep_connections(stack: Stack, ledger_path: str) -> None:
+    """Sixteen threads enqueue at once: every row is written, at most ``KEEP`` connections
+    stay out of the pool afterwards, each a different server session."""
+    config = stack.config
+    barrier = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait(10)
+            for i in range(25):
+                tomqueue.enqueue(Record(ledger_path, f"{t}-{i}"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert job_count(config) == 16 * 25
+    kept = kept_connections(config)
+    assert 1 <= len(kept) <= ConnectionStack.KEEP
+    assert len({server_session(config, raw) for raw in kept}) == len(kept)
