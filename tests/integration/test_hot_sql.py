@@ -12,7 +12,7 @@ import tomqueue
 from tests.conftest import DATABASES, Stack, on_stacks
 from tests.e2e.faults import dbctl
 from tests.jobs import Record
-from tomqueue.db import HeldConnection
+from tomqueue.db import HeldConnection, get_engine
 from tomqueue.worker import hot_sql, outcome
 
 POLLING = [(d, "polling") for d in DATABASES]
@@ -63,3 +63,44 @@ def test_a_lost_connection_fails_the_lock_as_a_transient_error(
             ]
     finally:
         held.close()
+
+
+@on_stacks(("postgresql", "polling"))
+@pytest.mark.parametrize("size", [1, 3])
+def test_the_lock_finds_its_rows_by_primary_key_whatever_the_statistics(
+    stack: Stack, size: int
+) -> None:
+    """A new table whose statistics were taken while its rows were failed ones (kept for
+    inspection), then a backlog of ready jobs: as plain conditions, ``failed_at IS NULL``
+    looks selective and the planner walks ``ix_delayed_jobs_due`` through the whole
+    backlog for every lock. The lock's plan must use the primary key, not that index.
+    (In a schema of its own, so that the shared table's statistics stay as they are.)"""
+    row = (
+        "(priority, attempts, handler, run_at, created_at, updated_at, version, fence, "
+        "crashes, failed_at) SELECT 0, 0, 'x', now(), now(), now(), 1, 0, 0, {failed} "
+        "FROM generate_series(1, {n})"
+    )
+    raw = get_engine(stack.config).raw_connection()
+    try:
+        raw.driver_connection.autocommit = True
+        cursor = raw.driver_connection.cursor()
+        cursor.execute("DROP SCHEMA IF EXISTS tq_plan_test CASCADE")
+        cursor.execute("CREATE SCHEMA tq_plan_test")
+        cursor.execute("SET search_path TO tq_plan_test")
+        cursor.execute(
+            "CREATE TABLE delayed_jobs (LIKE public.delayed_jobs INCLUDING ALL) "
+            "WITH (autovacuum_enabled = false)"
+        )
+        cursor.execute(f"INSERT INTO delayed_jobs {row.format(failed='now()', n=5000)}")
+        cursor.execute("ANALYZE delayed_jobs")
+        cursor.execute(f"INSERT INTO delayed_jobs {row.format(failed='NULL', n=3000)}")
+        cursor.execute(f"SELECT id FROM delayed_jobs WHERE failed_at IS NULL LIMIT {size}")
+        pairs = [(job_id, 1) for (job_id,) in cursor.fetchall()]
+        sql, params = hot_sql.lock_statement("postgresql", "plan-test", pairs, 0.05)
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(line for (line,) in cursor.fetchall())
+        assert "failed_at_run_at" not in plan and "ix_delayed_jobs_due" not in plan, plan
+        assert "pkey" in plan, plan
+    finally:
+        raw.driver_connection.cursor().execute("DROP SCHEMA IF EXISTS tq_plan_test CASCADE")
+        raw.invalidate()  # its search_path was changed

@@ -46,26 +46,46 @@ def reads_back(dialect: str) -> bool:
 def lock_plain(conn: Connection, name: str, pairs: Pairs, tolerance: float) -> list[dict[str, Any]]:
     """Lock what can run at once; returns the locked rows as they are now."""
     dialect = conn.dialect.name
+    if dialect == "sqlite":
+        sql, params = lock_statement(dialect, name, pairs, _sqlite_now_plus(conn, tolerance))
+        return _rows(conn, f"{sql} RETURNING {COLUMNS}", params)
+    sql, params = lock_statement(dialect, name, pairs, tolerance)
+    if dialect == "postgresql":
+        return _rows(conn, f"{sql} RETURNING {COLUMNS}", params)
+    driver_execute(conn, sql, params)
+    ids = [p[0] for p in pairs]
+    mine = f"SELECT {COLUMNS} FROM delayed_jobs WHERE {_in(ids)} AND locked_by = %s"
+    return _rows(conn, mine, (*ids, name))
+
+
+def lock_statement(
+    dialect: str, name: str, pairs: Pairs, tolerance: float | str
+) -> tuple[str, tuple[Any, ...]]:
+    """The lock's ``UPDATE`` (without ``RETURNING``) and its parameters. ``tolerance``:
+    seconds, or on SQLite the latest ``run_at`` itself.
+
+    Only the primary key may find the rows. PostgreSQL has no index hints, so there the
+    row's state is one opaque predicate (``(...) IS TRUE``): as plain conditions, the
+    planner may take ``failed_at IS NULL`` to ``ix_delayed_jobs_due`` — it does when the
+    statistics say unfailed rows are rare (many failed jobs kept, then a backlog) or the
+    table is tiny (a drained queue) — and walk every unfailed index entry, dead ones
+    included, for each lock: 0.3 ms behind 3,000 ready jobs and 1.3-13 ms on a drained
+    table with its dead rows, where the primary key takes 0.1 ms. MySQL: ``FORCE INDEX``."""
     now = str(now_sql(dialect))
     values = f"locked_at = {now}, locked_by = %s, fence = fence + 1, updated_at = {now}"
     ready = "failed_at IS NULL AND locked_at IS NULL"
     match, params = _match(pairs, "version", dialect)
     if dialect == "postgresql":
-        sql = (
-            f"UPDATE delayed_jobs SET {values} WHERE {match} "
-            f"AND {ready} AND run_at <= {now} + %s * interval '1 second' RETURNING {COLUMNS}"
-        )
-        return _rows(conn, sql, (name, *params, tolerance))
-    due = f"run_at <= {now} + INTERVAL %s MICROSECOND" if dialect != "sqlite" else "run_at <= %s"
-    table = "delayed_jobs" if dialect == "sqlite" else f"delayed_jobs {BY_PRIMARY_KEY}"
-    sql = f"UPDATE {table} SET {values} WHERE {match} AND {ready} AND {due}"
+        due = f"run_at <= {now} + %s * interval '1 second'"
+        where = f"{match} AND ({ready} AND {due}) IS TRUE"
+        return f"UPDATE delayed_jobs SET {values} WHERE {where}", (name, *params, tolerance)
     if dialect == "sqlite":
-        limit = _sqlite_now_plus(conn, tolerance)
-        return _rows(conn, f"{sql} RETURNING {COLUMNS}", (name, *params, limit))
-    driver_execute(conn, sql, (name, *params, round(tolerance * 1_000_000)))
-    ids = [p[0] for p in pairs]
-    mine = f"SELECT {COLUMNS} FROM delayed_jobs WHERE {_in(ids)} AND locked_by = %s"
-    return _rows(conn, mine, (*ids, name))
+        sql = f"UPDATE delayed_jobs SET {values} WHERE {match} AND {ready} AND run_at <= %s"
+        return sql, (name, *params, tolerance)
+    assert isinstance(tolerance, float | int)
+    due = f"run_at <= {now} + INTERVAL %s MICROSECOND"
+    sql = f"UPDATE delayed_jobs {BY_PRIMARY_KEY} SET {values} WHERE {match} AND {ready} AND {due}"
+    return sql, (name, *params, round(tolerance * 1_000_000))
 
 
 def delete_done(conn: Connection, pairs: Pairs) -> set[int]:
