@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +242,30 @@ def publish_raw(
                 ),
                 mandatory=True,
             )
+
+
+def run_threads(count: int, work: Callable[[int], None], timeout: float) -> list[BaseException]:
+    """Run ``work(0) ... work(count - 1)`` in as many threads, started together behind a
+    barrier; returns what they raised. Fails if a thread is still running after
+    ``timeout`` seconds."""
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            barrier.wait(10)
+            work(t)
+        except BaseException as exc:  # returned to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"threads still running after {timeout:g}s"
+    return errors
 
 
 def all_queue_names(config: Config, queue_sets: Sequence[str | None] = (None,)) -> list[str]:

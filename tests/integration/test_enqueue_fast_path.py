@@ -21,7 +21,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import PoolProxiedConnection
 
 import tomqueue
-from tests.conftest import AMQP_STACKS, Stack, amqp_channel, drain_queue, job_count, on_stacks
+from tests.conftest import (
+    AMQP_STACKS,
+    Stack,
+    amqp_channel,
+    drain_queue,
+    job_count,
+    on_stacks,
+    run_threads,
+)
 from tests.jobs import Record
 from tests.ports import free_port
 from tomqueue import persist
@@ -85,23 +93,13 @@ def test_concurrent_threads_each_notification_arrives_exactly_once(
     """8 threads x 200 enqueues: every committed job's notification arrives once."""
     ids: list[int] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
-        try:
-            barrier.wait(10)
-            mine = [tomqueue.enqueue(Record(ledger_path, f"{t}-{i}")).id for i in range(200)]
-            with lock:
-                ids.extend(mine)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        mine = [tomqueue.enqueue(Record(ledger_path, f"{t}-{i}")).id for i in range(200)]
+        with lock:
+            ids.extend(mine)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = run_threads(8, work, 120)
     assert not errors, errors
     assert tomqueue.flush(60) is True
     assert len(set(ids)) == 1600 and job_count(stack.config) == 1600
@@ -304,23 +302,12 @@ def test_concurrent_enqueues_keep_at_most_keep_connections(stack: Stack, ledger_
     """Sixteen threads enqueue at once: every row is written, at most ``KEEP`` connections
     stay out of the pool afterwards, each a different server session."""
     config = stack.config
-    barrier = threading.Barrier(16)
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
-        try:
-            barrier.wait(10)
-            for i in range(25):
-                tomqueue.enqueue(Record(ledger_path, f"{t}-{i}"))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for i in range(25):
+            tomqueue.enqueue(Record(ledger_path, f"{t}-{i}"))
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    assert run_threads(16, work, 60) == []
     assert job_count(config) == 16 * 25
     kept = kept_connections(config)
     assert 1 <= len(kept) <= ConnectionStack.KEEP

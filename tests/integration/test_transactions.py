@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 import tomqueue
-from tests.conftest import Stack, declare_topology, drain_queue, job_count
+from tests.conftest import Stack, declare_topology, drain_queue, job_count, run_threads
 from tests.jobs import Record
 from tomqueue.db import get_engine
 from tomqueue.message import decode
@@ -146,44 +146,29 @@ def _concurrent(stack: Stack, ledger_path: str, use_session: bool) -> tuple[list
     committed: list[int] = []
     rolled_back: list[int] = []
     lock = threading.Lock()
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
 
     def work(t: int) -> None:
-        try:
-            barrier.wait(10)
-            for n in range(4):
-                keep = (t + n) % 2 == 0
-                if use_session:
-                    with Session(engine) as session:
-                        ids = [
-                            tomqueue.enqueue(
-                                Record(ledger_path, f"{t}-{n}-{i}"), session=session
-                            ).id
-                            for i in range(3)
-                        ]
-                        session.commit() if keep else session.rollback()
-                else:
-                    with engine.connect() as conn:
-                        txn = conn.begin()
-                        ids = [
-                            tomqueue.enqueue(
-                                Record(ledger_path, f"{t}-{n}-{i}"), connection=conn
-                            ).id
-                            for i in range(3)
-                        ]
-                        txn.commit() if keep else txn.rollback()
-                with lock:
-                    (committed if keep else rolled_back).extend(ids)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for n in range(4):
+            keep = (t + n) % 2 == 0
+            if use_session:
+                with Session(engine) as session:
+                    ids = [
+                        tomqueue.enqueue(Record(ledger_path, f"{t}-{n}-{i}"), session=session).id
+                        for i in range(3)
+                    ]
+                    session.commit() if keep else session.rollback()
+            else:
+                with engine.connect() as conn:
+                    txn = conn.begin()
+                    ids = [
+                        tomqueue.enqueue(Record(ledger_path, f"{t}-{n}-{i}"), connection=conn).id
+                        for i in range(3)
+                    ]
+                    txn.commit() if keep else txn.rollback()
+            with lock:
+                (committed if keep else rolled_back).extend(ids)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not any(t.is_alive() for t in threads)
+    errors = run_threads(8, work, 60)
     assert not errors, errors
     return committed, rolled_back
 
