@@ -8,8 +8,8 @@ the broker's ``basic.ack`` / ``basic.nack`` frames arrive (3-5k/s).
 It drives pika's asynchronous channel underneath a ``BlockingChannel`` (``channel._impl``):
 pika's blocking adapter has no public pipelined-confirm API. A publish's frames are written
 out by ``frames`` (the same bytes as pika's, at a fraction of the cost) and handed to the
-connection's output buffer. Callbacks run inside pika's I/O
-loop, so they only record results; the owner acts on them after ``process_data_events``.
+connection's output buffer. Callbacks run inside pika's I/O loop, so they only record
+results; the owner acts on them after ``process_data_events``.
 
 A publish succeeds when the broker acks it and did not return it (``mandatory``): a returned
 message is matched to its ack by (exchange, routing key, body) — identical messages are
