@@ -12,10 +12,14 @@ import tomqueue
 from tests.conftest import DATABASES, Stack, on_stacks
 from tests.e2e.faults import dbctl
 from tests.jobs import Record
+from tomqueue.config import Config
 from tomqueue.db import HeldConnection, get_engine
 from tomqueue.worker import hot_sql, outcome
 
 POLLING = [(d, "polling") for d in DATABASES]
+# the workers' own tolerance (run_at_tolerance): with 0, SQLite's clock, which has
+# milliseconds, may not yet have reached a job enqueued in the same millisecond
+TOLERANCE = Config().run_at_tolerance
 
 
 @on_stacks(*POLLING)
@@ -28,14 +32,19 @@ def test_lock_and_delete_take_only_the_rows_that_match(
     try:
         wrong = [(job.id, job.version + 1) for job in jobs]
         with held.use() as conn:
-            assert hot_sql.lock_plain(conn, "hot-test", wrong, 0.0) == []
+            assert hot_sql.lock_plain(conn, "hot-test", wrong, TOLERANCE) == []
         with held.use() as conn:
-            rows = hot_sql.lock_plain(conn, "hot-test", [(j.id, j.version) for j in jobs], 0.0)
+            rows = hot_sql.lock_plain(
+                conn, "hot-test", [(j.id, j.version) for j in jobs], TOLERANCE
+            )
         assert sorted(row["id"] for row in rows) == sorted(job.id for job in jobs)
         assert {(row["locked_by"], row["fence"]) for row in rows} == {("hot-test", 1)}
         assert all(row["locked_at"] is not None and row["handler"] for row in rows)
         with held.use() as conn:  # locked now: not taken again
-            assert hot_sql.lock_plain(conn, "other", [(j.id, j.version) for j in jobs], 0.0) == []
+            assert (
+                hot_sql.lock_plain(conn, "other", [(j.id, j.version) for j in jobs], TOLERANCE)
+                == []
+            )
         with held.use() as conn:
             assert hot_sql.delete_done(conn, [(job.id, 0) for job in jobs]) == set()
         with held.use() as conn:
@@ -55,12 +64,12 @@ def test_a_lost_connection_fails_the_lock_as_a_transient_error(
             assert hot_sql.delete_done(conn, [(job.id, 99)]) == set()  # connected, in use
         assert dbctl.kill_sessions(stack.config) >= 1
         with pytest.raises(DBAPIError) as raised, held.use() as conn:
-            hot_sql.lock_plain(conn, "hot-test", [(job.id, job.version)], 0.0)
+            hot_sql.lock_plain(conn, "hot-test", [(job.id, job.version)], TOLERANCE)
         assert outcome._transient(raised.value), repr(raised.value)
         with held.use() as conn:  # the next use connects afresh
-            assert [r["id"] for r in hot_sql.lock_plain(conn, "hot-test", [(job.id, 1)], 0.0)] == [
-                job.id
-            ]
+            assert [
+                r["id"] for r in hot_sql.lock_plain(conn, "hot-test", [(job.id, 1)], TOLERANCE)
+            ] == [job.id]
     finally:
         held.close()
 
