@@ -17,6 +17,7 @@ import logging
 import time
 from typing import Any
 
+from tomqueue.db import first_line
 from tomqueue.worker.work import Batch, BatchNext, Work
 
 log = logging.getLogger("tomqueue.worker")
@@ -67,7 +68,7 @@ def _give_back(batch: Batch, exc: Exception, when: str) -> None:
             "lock conflict with another worker %s (%d deliveries given back): %s",
             when,
             len(batch),
-            str(exc).strip().splitlines()[0],
+            first_line(exc),
             extra={**first.log_extra, "action": "lock_conflict"},
         )
     else:
