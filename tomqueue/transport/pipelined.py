@@ -92,9 +92,10 @@ class PipelinedPublisher:
         self._connection._impl._output_marshaled_frames((frames,))
 
     def coalesce(self) -> None:
-        """Join the frames waiting to be written into one buffer. pika writes every frame
-        with its own ``send()`` — three system calls per publish, each also waking the
-        broker — so after a batch of ``send`` calls one write carries them all."""
+        """Join the frames waiting to be written into one buffer. pika writes every piece
+        of its output buffer with its own ``send()`` — one system call per publish, each
+        also waking the broker — so after a batch of ``send`` calls one write carries them
+        all."""
         transport = getattr(self._connection._impl, "_transport", None)
         buffers = getattr(transport, "_tx_buffers", None)
         if isinstance(buffers, deque) and len(buffers) > 1:

@@ -67,8 +67,10 @@ def _lock_plain(works: Sequence[Work]) -> set[Work]:
 
 
 def _lock_checked(works: Sequence[Work]) -> set[Work]:
-    """Load the rows ``FOR UPDATE`` (in id order: no deadlocks between workers), decide
-    for each delivery, lock the ones to run with one statement; one commit."""
+    """Load the rows ``FOR UPDATE`` (in id order: no deadlocks between two of these; one
+    with another worker's batch ``UPDATE``, which takes rows in the table's order, is
+    rolled back by the database and given back by ``error_handling``), decide for each
+    delivery, lock the ones to run with one statement; one commit."""
     ctx = works[0].ctx
     ids = sorted({_job_id(w) for w in works})
     sent = time.monotonic()
