@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from itertools import takewhile
-from typing import Any
+from typing import Any, Literal
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
@@ -32,6 +32,7 @@ from tomqueue.message import Notification
 from tomqueue.transport.frames import publish_frames
 
 InFlight = tuple[int, float, str, str, bytes]  # (delivery tag, sent at, exchange, key, body)
+Wake = Literal["confirm", "drained"]
 
 
 def _noop() -> None:
@@ -42,11 +43,12 @@ class PipelinedPublisher:
     """A confirm-mode channel with unconfirmed publishes in flight (owner thread only)."""
 
     def __init__(
-        self, connection: BlockingConnection, timeout: float, wake_on_confirm: bool = True
+        self, connection: BlockingConnection, timeout: float, wake: Wake = "confirm"
     ) -> None:
-        """``wake_on_confirm``: a confirm ends the owner's ``process_data_events`` wait at
-        once (one more system call pair per wake-up); without it the owner waits with
-        short time limits instead."""
+        """``wake``: when a confirm ends the owner's ``process_data_events`` wait early (one
+        more system call pair per wake-up): at the first confirm since ``rearm``
+        (``"confirm"``), or once nothing is in flight any more (``"drained"``: an owner
+        that sends a batch only when the previous one is settled)."""
         self.timeout = timeout
         self._connection = connection
         self.channel: BlockingChannel = connection.channel()
@@ -56,8 +58,8 @@ class PipelinedPublisher:
         self._returned: Counter[tuple[str, str, bytes]] = Counter()
         self._confirmed: list[int] = []
         self._failures: list[tuple[int, str]] = []  # (tag, what went wrong)
-        self._woken = not wake_on_confirm  # never re-armed when False: never woken
-        self._wake = wake_on_confirm
+        self._woken = False
+        self._wake_each = wake == "confirm"
         self._impl.add_on_return_callback(self._on_return)
         self._enable_confirms()
 
@@ -111,7 +113,7 @@ class PipelinedPublisher:
 
     def rearm(self) -> None:
         """Let the next confirm end the owner's ``process_data_events`` wait early."""
-        self._woken = not self._wake
+        self._woken = False
 
     def take_failures(self) -> list[str]:
         """What went wrong with the publishes that failed since the last call."""
@@ -143,7 +145,8 @@ class PipelinedPublisher:
             item = self._in_flight.pop(seq, None)
             if item is not None:
                 self._settle(item, acked)
-        if not self._woken:  # end the owner's process_data_events wait early
+        if not self._woken and (self._wake_each or not self._in_flight):
+            # end the owner's process_data_events wait early
             self._woken = True
             self._connection.add_callback_threadsafe(_noop)
 
