@@ -31,17 +31,15 @@ from tomqueue.db import (
     driver_error,
     get_autocommit_engine,
     get_engine,
-    kept_cursor,
     statement_limit,
 )
+from tomqueue.insert_one import COLUMNS, insert_one, statement
 from tomqueue.schema import Job, jobs
 
 T = TypeVar("T")
 
-COLUMNS = tuple(c.name for c in jobs.columns if c.name != "id")
 # drivers whose parameters need no conversion by SQLAlchemy for our column types
 _ONE_ROUND_TRIP = {("postgresql", "psycopg"), ("mysql", "pymysql"), ("mariadb", "pymysql")}
-_statements: dict[tuple[str, str], tuple[str, bool]] = {}
 _SMALL_TEXT = 1024  # MariaDB enqueue_many: a text up to this long may be one parameter
 
 
@@ -138,9 +136,7 @@ def _insert_unnest(target: Connection | None, engine: Engine, new: list[Job]) ->
     driver on every call, which costs more than the insert — and the ids come back in row
     order (inserted in ``ORDER BY ord``, numbered in that order by the sequence)."""
     constant, varying = _constant_columns(new)
-    chosen = [
-        f"%s::{_PG_TYPES[name]}" if name in constant else f"u.{name}" for name in COLUMNS
-    ]
+    chosen = [f"%s::{_PG_TYPES[name]}" if name in constant else f"u.{name}" for name in COLUMNS]
     names = list(varying) or ["unused"]  # unnest needs an array: one of NULLs if need be
     unnest = ", ".join(f"%s::{_PG_TYPES.get(name, 'int')}[]" for name in names)
     arrays = list(varying.values()) or [[None] * len(new)]
@@ -256,11 +252,9 @@ def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
 
 def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
     """One INSERT on an autocommit connection kept out of the pool between calls
-    (``ConnectionStack``): one round trip, nothing to roll back. The statement goes
-    straight to the driver's cursor — SQLAlchemy's Connection and execution context cost
-    as much as the rest of ``enqueue`` — and a driver error is raised as SQLAlchemy's
-    ``DBAPIError``, as any other statement's would be."""
-    sql, returning = _statement(engine)
+    (``ConnectionStack``), below SQLAlchemy and, where the driver allows, below its cursor
+    (``insert_one``); a driver error is raised as SQLAlchemy's ``DBAPIError``, as any
+    other statement's would be."""
     error = engine.dialect.loaded_dbapi.Error
     stack = connection_stack(engine)
     try:
@@ -269,26 +263,11 @@ def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
         raise driver_error(engine, None, exc, None, None) from exc
     failed = True
     try:
-        cursor = kept_cursor(raw)
         try:
-            cursor.execute(sql, values)
-            new_id = int(cursor.fetchone()[0] if returning else cursor.lastrowid)
+            new_id = insert_one(engine, raw, values)
         except error as exc:
-            raise driver_error(engine, raw, exc, sql, values, cursor) from exc
+            raise driver_error(engine, raw, exc, statement(engine), values) from exc
         failed = False
         return new_id
     finally:
         stack.give_back(raw, failed)
-
-
-def _statement(engine: Engine) -> tuple[str, bool]:
-    """The INSERT's SQL for this dialect and whether it returns the id as a row."""
-    dialect = engine.dialect
-    key = (dialect.name, dialect.driver)
-    found = _statements.get(key)
-    if found is None:
-        returning = dialect.name == "postgresql"
-        statement = insert(jobs).returning(jobs.c.id) if returning else insert(jobs)
-        sql = str(statement.compile(dialect=dialect, column_keys=list(COLUMNS)))
-        found = _statements[key] = (sql, returning)
-    return found
