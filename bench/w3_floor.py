@@ -28,7 +28,8 @@ from bench.options import Options
 from tomqueue.config import Config
 from tomqueue.db import get_autocommit_engine
 from tomqueue.enqueue import new_job, validate
-from tomqueue.persist import _statement, row_values
+from tomqueue.insert_one import statement
+from tomqueue.persist import row_values
 from tomqueue.transport.amqp import CLASSIC
 from tomqueue.worker.hot_sql import COLUMNS
 
@@ -67,7 +68,7 @@ def run(target: Target, opts: Options, send_jobs: Any) -> dict[str, Any]:
     connection = pika.BlockingConnection(pika.URLParameters(target.amqp_url))
     try:
         procs.wait_until(ready.exists, 30, "the floor consumer to start", 0.05)
-        insert, returning = _statement(engine)
+        insert, returning = statement(engine), engine.dialect.name == "postgresql"
         values = row_values(new_job(validate(Stamp(path, "floor"), 0, None, None, target.config)))
         cursor = raw.cursor()
         publish = connection.channel()
