@@ -12,8 +12,8 @@ parameter machinery costs as much CPU as the rest of ``enqueue`` on our 2-core m
 - PyMySQL: the statement's text with each value written in as PyMySQL would write it
   (integers, naive datetimes and NULL here; strings and anything else by the connection's
   own ``escape``), sent without PyMySQL's argument mapping.
-- Any other driver, and a value of another type than enqueue stores (int, str, naive
-  datetime, None) on psycopg: the driver's cursor.
+- Any other driver, and on psycopg a value of another type than enqueue stores (int, str,
+  naive datetime, None) or a client encoding other than UTF-8: the driver's cursor.
 
 Errors are the driver's own exceptions (psycopg builds them from the result); the caller
 raises them as SQLAlchemy's ``DBAPIError``.
@@ -41,6 +41,7 @@ _PG_SQL = (
 ).encode()
 _PG_NAME = b"tomqueue_insert_job_v%d" % SCHEMA_VERSION
 _PREPARED_KEY = "tomqueue_insert_prepared"
+_UTF8_KEY = "tomqueue_insert_utf8"
 _UNDEFINED_STATEMENT = "26000"  # the prepared statement is gone (DEALLOCATE, DISCARD ALL)
 _statements: dict[tuple[str, str], str] = {}
 
@@ -48,7 +49,7 @@ _statements: dict[tuple[str, str], str] = {}
 def insert_one(engine: Engine, raw: PoolProxiedConnection, values: dict[str, Any]) -> int:
     """Insert the row on ``raw`` and return its id."""
     driver = engine.dialect.driver
-    if driver == "psycopg":
+    if driver == "psycopg" and _utf8(raw):
         params = _pg_params(values)
         if params is not None:
             return _pg_insert(raw, params)
@@ -97,6 +98,16 @@ def _mysql_statement(connection: Any, sql: str, values: dict[str, Any]) -> str:
 
 
 # --- psycopg ---------------------------------------------------------------------------
+
+
+def _utf8(raw: PoolProxiedConnection) -> bool:
+    """Whether the connection's client encoding is UTF-8 (the texts are sent as UTF-8;
+    with any other encoding the cursor encodes them)."""
+    utf8 = raw.info.get(_UTF8_KEY)
+    if utf8 is None:
+        connection: Any = raw.driver_connection
+        utf8 = raw.info[_UTF8_KEY] = connection.info.encoding == "utf-8"
+    return bool(utf8)
 
 
 def _pg_params(values: dict[str, Any]) -> list[bytes | None] | None:

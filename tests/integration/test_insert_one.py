@@ -89,6 +89,23 @@ def test_postgresql_other_types_go_through_the_cursor(
 
 
 @on_stacks(("postgresql", "polling"))
+def test_postgresql_another_client_encoding_goes_through_the_cursor(
+    stack: Stack, kept: tuple[Engine, PoolProxiedConnection]
+) -> None:
+    engine, raw = kept
+    kept_cursor(raw).execute("SET client_encoding TO 'LATIN1'")
+    raw.info.pop(module._UTF8_KEY, None)
+    try:
+        latin = row(handler='{"kind":"tests.jobs:Record","attrs":{"text":"café"}}')
+        job_id = module.insert_one(engine, raw, latin)
+        assert stored(stack, job_id) == latin
+        assert raw.info[module._UTF8_KEY] is False
+    finally:
+        kept_cursor(raw).execute("SET client_encoding TO 'UTF8'")
+        raw.info.pop(module._UTF8_KEY, None)
+
+
+@on_stacks(("postgresql", "polling"))
 def test_postgresql_a_nul_in_a_text_is_refused_not_cut(
     stack: Stack, kept: tuple[Engine, PoolProxiedConnection]
 ) -> None:
