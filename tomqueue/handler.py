@@ -24,6 +24,8 @@ from tomqueue.errors import HandlerError, SerializationError
 _TAG = "__tq__"
 _KIND_PREFIX = re.compile(r'\{"kind":"([A-Za-z0-9_.:]{1,512})"')
 _MAX_DEPTH = 32
+# one encoder for every dump (json.dumps with these options builds a new one per call)
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 ALWAYS_ALLOWED = frozenset({"tomqueue.delay"})
 
 
@@ -45,7 +47,7 @@ def dump(payload: object) -> str:
             f"{type(payload).__name__} cannot be enqueued: it has no perform() method"
         )
     body = {"kind": kind_of(type(payload)), "attrs": _encode_attrs(payload, "payload", 0)}
-    return json.dumps(body, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(body)
 
 
 def handler_kind(handler: str) -> str:
