@@ -43,6 +43,7 @@ _PG_NAME = b"tomqueue_insert_job_v%d" % SCHEMA_VERSION
 _PREPARED_KEY = "tomqueue_insert_prepared"
 _UTF8_KEY = "tomqueue_insert_utf8"
 _UNDEFINED_STATEMENT = "26000"  # the prepared statement is gone (DEALLOCATE, DISCARD ALL)
+_DUPLICATE_STATEMENT = "42P05"  # it is there already: as good as prepared
 _statements: dict[tuple[str, str], str] = {}
 
 
@@ -178,7 +179,7 @@ def _pg_execute(raw: PoolProxiedConnection, connection: Any, pgconn: Any, params
         if not raw.info.get(_PREPARED_KEY):
             pgconn.send_prepare(_PG_NAME, _PG_SQL)
             prepared = _pg_result(raw, pgconn)
-            if prepared is None or _sqlstate(prepared) is not None:
+            if prepared is None or _sqlstate(prepared) not in (None, _DUPLICATE_STATEMENT):
                 return prepared
             raw.info[_PREPARED_KEY] = True
         pgconn.send_query_prepared(_PG_NAME, params)

@@ -129,6 +129,17 @@ def test_postgresql_a_deallocated_statement_is_prepared_again(
 
 
 @on_stacks(("postgresql", "polling"))
+def test_postgresql_a_statement_prepared_already_is_used(
+    stack: Stack, kept: tuple[Engine, PoolProxiedConnection]
+) -> None:
+    engine, raw = kept
+    module.insert_one(engine, raw, row())
+    raw.info.pop(module._PREPARED_KEY)  # forgotten on our side only
+    job_id = module.insert_one(engine, raw, row())
+    assert stored(stack, job_id) == row()
+
+
+@on_stacks(("postgresql", "polling"))
 def test_postgresql_without_prepared_statements_sends_it_unprepared(
     stack: Stack, kept: tuple[Engine, PoolProxiedConnection]
 ) -> None:
