@@ -86,6 +86,11 @@ class Pipeline:
     def idle(self) -> bool:
         return self._idle.is_set()
 
+    def load(self) -> tuple[int, int]:
+        """(job places taken, finished works not yet recorded)."""
+        with self._lock:
+            return self._busy, self._unrecorded
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 

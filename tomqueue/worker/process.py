@@ -31,7 +31,7 @@ from tomqueue.registry import Heartbeat
 from tomqueue.sweeper import PeriodicSweeper
 from tomqueue.transport import Delivery, flush_publishers, make_consumer
 from tomqueue.transport.base import Consumer
-from tomqueue.worker import db_lock
+from tomqueue.worker import db_lock, slow_stop
 from tomqueue.worker.pipeline import Pipeline, urgency
 from tomqueue.worker.work import Context
 
@@ -251,7 +251,12 @@ class Worker:
             except Exception:  # the broker redelivers unacked messages anyway
                 break
         self._buffer.clear()
+        started, reported = time.monotonic(), False
         while not self.pipeline.idle():
+            waited = time.monotonic() - started
+            if not reported and waited > self.config.stop_grace + slow_stop.MARGIN:
+                reported = True
+                slow_stop.report(waited, *self.pipeline.load())
             try:
                 self.consumer.poll(0.1, 0)
             except (AMQPError, BrokerUnavailable):
