@@ -12,8 +12,11 @@ parameter machinery costs as much CPU as the rest of ``enqueue`` on our 2-core m
 - PyMySQL: the statement's text with each value written in as PyMySQL would write it
   (integers, naive datetimes and NULL here; strings and anything else by the connection's
   own ``escape``), sent without PyMySQL's argument mapping.
-- Any other driver, and on psycopg a value of another type than enqueue stores (int, str,
-  naive datetime, None) or a client encoding other than UTF-8: the driver's cursor.
+- On psycopg, a value of another type than enqueue stores (int, str, naive datetime,
+  None), a NUL in a text or a client encoding other than UTF-8: the driver's cursor.
+
+``DRIVERS`` are the ones this module serves (``persist`` sends other drivers' INSERT
+through SQLAlchemy).
 
 Errors are the driver's own exceptions (psycopg builds them from the result); the caller
 raises them as SQLAlchemy's ``DBAPIError``.
@@ -44,7 +47,10 @@ _PREPARED_KEY = "tomqueue_insert_prepared"
 _UTF8_KEY = "tomqueue_insert_utf8"
 _UNDEFINED_STATEMENT = "26000"  # the prepared statement is gone (DEALLOCATE, DISCARD ALL)
 _DUPLICATE_STATEMENT = "42P05"  # it is there already: as good as prepared
+_POLLER_KEY = "tomqueue_insert_poller"
 _statements: dict[tuple[str, str], str] = {}
+# drivers whose parameters need no conversion by SQLAlchemy for our column types
+DRIVERS = {("postgresql", "psycopg"), ("mysql", "pymysql"), ("mariadb", "pymysql")}
 
 
 def insert_one(engine: Engine, raw: PoolProxiedConnection, values: dict[str, Any]) -> int:
@@ -58,10 +64,8 @@ def insert_one(engine: Engine, raw: PoolProxiedConnection, values: dict[str, Any
     if driver == "pymysql":
         cursor.execute(_mysql_statement(raw.driver_connection, statement(engine), values))
         return int(cursor.lastrowid)
-    cursor.execute(statement(engine), values)
-    if engine.dialect.name == "postgresql":
-        return int(cursor.fetchone()[0])
-    return int(cursor.lastrowid)
+    cursor.execute(statement(engine), values)  # psycopg, for what libpq cannot take as is
+    return int(cursor.fetchone()[0])
 
 
 def statement(engine: Engine) -> str:
@@ -150,11 +154,7 @@ def _pg_insert(raw: PoolProxiedConnection, params: list[bytes | None]) -> int:
     pg = _psycopg()
     try:
         result = _pg_execute(raw, connection, pgconn, params)
-        if (
-            result is not None
-            and result.status not in pg.ok
-            and _sqlstate(result) == _UNDEFINED_STATEMENT
-        ):
+        if result is not None and _sqlstate(result) == _UNDEFINED_STATEMENT:
             raw.info.pop(_PREPARED_KEY, None)  # deallocated behind our back: once more
             result = _pg_execute(raw, connection, pgconn, params)
     except pg.Error:
@@ -188,9 +188,9 @@ def _pg_execute(raw: PoolProxiedConnection, connection: Any, pgconn: Any, params
 
 def _pg_result(raw: PoolProxiedConnection, pgconn: Any) -> Any:
     """Flush, wait until the reply is in, and return its (last) result."""
-    poller = raw.info.get("tomqueue_poller")
+    poller = raw.info.get(_POLLER_KEY)
     if poller is None:
-        poller = raw.info["tomqueue_poller"] = select.poll()
+        poller = raw.info[_POLLER_KEY] = select.poll()
         poller.register(pgconn.socket, select.POLLIN)
     while pgconn.flush():  # non-blocking connection: part of the message is still ours
         writable = select.poll()

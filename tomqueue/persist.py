@@ -33,13 +33,11 @@ from tomqueue.db import (
     get_engine,
     statement_limit,
 )
-from tomqueue.insert_one import COLUMNS, insert_one, statement
+from tomqueue.insert_one import COLUMNS, DRIVERS, insert_one, statement
 from tomqueue.schema import Job, jobs
 
 T = TypeVar("T")
 
-# drivers whose parameters need no conversion by SQLAlchemy for our column types
-_ONE_ROUND_TRIP = {("postgresql", "psycopg"), ("mysql", "pymysql"), ("mariadb", "pymysql")}
 _SMALL_TEXT = 1024  # MariaDB enqueue_many: a text up to this long may be one parameter
 
 
@@ -61,7 +59,7 @@ def persist(job: Job, target: Session | Connection | None, config: Config) -> No
         key = target.execute(insert(jobs), values).inserted_primary_key
     else:
         engine = get_engine(config)
-        if (engine.dialect.name, engine.dialect.driver) in _ONE_ROUND_TRIP:
+        if (engine.dialect.name, engine.dialect.driver) in DRIVERS:
             fast = get_autocommit_engine(config)
             job.id = _retrying(lambda: _insert_autocommit(fast, values))
             return

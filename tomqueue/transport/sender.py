@@ -111,9 +111,8 @@ class Sender:
 
     def _hold(self, now: float) -> float:
         """How long the outbox should wait to make a bigger batch (0: send now)."""
-        if self._sent or self._last_batch < 2 or len(self.outbox) >= WINDOW:
-            return 0.0
-        if self._last_gap > BURST_GAP:
+        load = self._last_batch > 1 and self._last_gap <= BURST_GAP
+        if self._sent or not load or len(self.outbox) >= WINDOW:
             return 0.0
         return self._last_send + LINGER - now
 
@@ -221,9 +220,9 @@ class Sender:
             pipe.send(exchange, key, entry.note, level, entry.seq)
             self._sent[self.outbox.popleft().seq] = entry
         self._last_batch = len(self._sent)
-        if self._last_batch > 1:
-            sent = list(self._sent.values())
-            self._last_gap = (sent[-1].handed_at - sent[0].handed_at) / (len(sent) - 1)
+        if self._last_batch > 1:  # the loop ran: ``entry`` is the batch's last
+            first = next(iter(self._sent.values()))
+            self._last_gap = (entry.handed_at - first.handed_at) / (self._last_batch - 1)
         pipe.coalesce()
 
     def _collect(self, now: float) -> None:
