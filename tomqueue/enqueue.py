@@ -49,6 +49,7 @@ class Request:
     run_at: datetime
     queue: str | None
     handler: str
+    kind: str  # the payload's module:QualName (named in the notification's headers)
 
 
 # --- layer 1: validate -----------------------------------------------------------------
@@ -75,14 +76,14 @@ def validate(
         raise EnqueueError(f"queue must be 1-64 letters, digits, '_' or '-', got {queue!r}")
     if queue == config.default_queue:
         queue = None
-    text = handler.dump(payload)
+    kind, text = handler.dump_with_kind(payload)
     if len(text) > MAX_HANDLER_BYTES or len(text) > _database_limit(config):
         raise EnqueueError(
             f"the handler of {type(payload).__name__} is {len(text)} bytes; the limit is "
             f"{min(MAX_HANDLER_BYTES, _database_limit(config))}{_limit_reason(config)}: "
             "store large data elsewhere and pass a key"
         )
-    return Request(payload, priority, _normalize_time(run_at, now), queue, text)
+    return Request(payload, priority, _normalize_time(run_at, now), queue, text, kind)
 
 
 def _database_limit(config: Config) -> int:
@@ -152,14 +153,16 @@ def new_job(request: Request, now: datetime | None = None, tracked: bool = False
 # --- layer 4: publish after commit -----------------------------------------------------
 
 
-def notification(job: Job, trace: str = "") -> Notification:
+def notification(job: Job, trace: str = "", kind: str = "") -> Notification:
+    """The job's notification; ``kind``: its payload's kind when the caller knows it (read
+    from the handler otherwise)."""
     return Notification(
         job_id=job.id,
         version=job.version,
         run_at=job.run_at,
         priority=job.priority,
         queue=job.queue,
-        kind=handler.handler_kind(job.handler),
+        kind=kind or handler.handler_kind(job.handler),
         trace=trace,
     )
 
@@ -211,8 +214,9 @@ def enqueue(
 ) -> Job:
     """Persist a job and notify workers once it is committed. Returns the job."""
     config = config or current()
-    request = validate(payload, priority, run_at, queue, config)
-    job = new_job(request, tracked=session is not None)
+    now = utcnow()  # created_at, and run_at unless given
+    request = validate(payload, priority, run_at, queue, config, now)
+    job = new_job(request, now, tracked=session is not None)
     if not config.delay_jobs:
         from tomqueue.worker.invoke import run_inline
 
@@ -221,16 +225,20 @@ def enqueue(
         return job
     run_enqueue_hooks(request, job)
     target = session if session is not None else connection
+    # a hook that rewrote the handler may have changed its kind: read it from the handler then
+    kind = request.kind if job.handler is request.handler else handler.handler_kind(job.handler)
     if tracing.active():
-        with tracing.enqueue_span(handler.handler_kind(job.handler)):
-            return _store(job, target, config, tracing.current_traceparent())
-    return _store(job, target, config)
+        with tracing.enqueue_span(kind):
+            return _store(job, kind, target, config, tracing.current_traceparent())
+    return _store(job, kind, target, config)
 
 
-def _store(job: Job, target: Session | Connection | None, config: Config, trace: str = "") -> Job:
+def _store(
+    job: Job, kind: str, target: Session | Connection | None, config: Config, trace: str = ""
+) -> Job:
     """Layers 3 and 4 for one job: persist, then publish after the commit."""
     persist(job, target, config)
-    note = notification(job, trace)
+    note = notification(job, trace, kind)
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "enqueued job %s",
@@ -274,7 +282,7 @@ def enqueue_many(
     with tracing.enqueue_span(f"{len(new)} jobs") if tracing.active() else nullcontext():
         persist_many(new, target, config)
         trace = tracing.current_traceparent() if tracing.active() else ""
-    notes = [notification(job, trace) for job in new]
+    notes = [notification(job, trace, r.kind) for job, r in zip(new, requests, strict=True)]
     if target is None:
         publish(notes, config)
     else:

@@ -24,6 +24,7 @@ from tomqueue.errors import HandlerError, SerializationError
 _TAG = "__tq__"
 _KIND_PREFIX = re.compile(r'\{"kind":"([A-Za-z0-9_.:]{1,512})"')
 _MAX_DEPTH = 32
+_PLAIN = frozenset({type(None), bool, int, str})  # JSON values as they are (not subclasses)
 # one encoder for every dump (json.dumps with these options builds a new one per call)
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 ALWAYS_ALLOWED = frozenset({"tomqueue.delay"})
@@ -42,12 +43,18 @@ def kind_of(obj: object) -> str:
 
 def dump(payload: object) -> str:
     """The JSON handler of a payload object (anything with ``perform()``)."""
+    return dump_with_kind(payload)[1]
+
+
+def dump_with_kind(payload: object) -> tuple[str, str]:
+    """(the payload's kind, its JSON handler): ``enqueue`` names the kind in the
+    notification's headers without reading it back out of the handler."""
     if not callable(getattr(payload, "perform", None)):
         raise SerializationError(
             f"{type(payload).__name__} cannot be enqueued: it has no perform() method"
         )
-    body = {"kind": kind_of(type(payload)), "attrs": _encode_attrs(payload, "payload", 0)}
-    return _ENCODER.encode(body)
+    kind = kind_of(type(payload))
+    return kind, _ENCODER.encode({"kind": kind, "attrs": _encode_attrs(payload, "payload", 0)})
 
 
 def handler_kind(handler: str) -> str:
@@ -94,7 +101,13 @@ def _encode_attrs(obj: object, path: str, depth: int) -> dict[str, Any]:
         state = getattr(obj, "__dict__", None)
     if not isinstance(state, dict):
         raise SerializationError(f"{path}: {type(obj).__name__} has no attribute dictionary")
-    return {str(k): _encode(v, f"{path}.{k}", depth + 1) for k, v in state.items()}
+    if depth + 1 > _MAX_DEPTH:
+        return {str(k): _encode(v, f"{path}.{k}", depth + 1) for k, v in state.items()}
+    # a plain value is stored as it is: no path is spelled out for it (only errors need one)
+    return {
+        str(k): v if type(v) in _PLAIN else _encode(v, f"{path}.{k}", depth + 1)
+        for k, v in state.items()
+    }
 
 
 def _encode(value: Any, path: str, depth: int) -> Any:

@@ -119,6 +119,8 @@ def _pg_params(values: dict[str, Any]) -> list[bytes | None] | None:
     """The parameters as text in ``COLUMNS`` order; None if one has another type (the
     cursor converts it, with psycopg's own rules)."""
     params: list[bytes | None] = []
+    last_time: Any = None  # a new job's timestamps are one datetime: written out once
+    last_text = b""
     for name in COLUMNS:
         value = values[name]
         kind = type(value)
@@ -127,7 +129,9 @@ def _pg_params(values: dict[str, Any]) -> list[bytes | None] | None:
         elif kind is int or (kind is str and "\x00" not in value):
             params.append(str(value).encode())  # libpq would cut a text at a NUL
         elif kind is datetime and value.tzinfo is None:
-            params.append(value.isoformat(" ").encode())
+            if value is not last_time:
+                last_time, last_text = value, value.isoformat(" ").encode()
+            params.append(last_text)
         else:
             return None
     return params

@@ -24,12 +24,19 @@ except ImportError:  # pragma: no cover - exercised where the package is missing
 TRACER_NAME = "tomqueue"
 
 
+_active = False  # a real provider was seen: OpenTelemetry sets the global provider once
+
+
 def active() -> bool:
     """True once the application has set a tracer provider (cheap: checked per enqueue)."""
+    global _active
+    if _active:
+        return True
     if trace is None:
         return False
     provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    _active = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return _active
 
 
 @contextmanager

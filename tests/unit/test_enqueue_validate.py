@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
 from tests.jobs import Mailer, Record, Urgent
 from tomqueue import Config, EnqueueError, SerializationError
 from tomqueue.enqueue import validate
+from tomqueue.handler import dump
+from tomqueue.message import Notification
+
+enqueue_module = importlib.import_module("tomqueue.enqueue")  # the package's name is the function
 
 CONFIG = Config()
 
@@ -72,3 +78,31 @@ def test_oversized_handler_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(EnqueueError, match="limit"):
         validate(Record("/p", "x" * 2000), None, None, None, CONFIG)
     validate(Record("/p", "x" * 100), None, None, None, CONFIG)
+
+
+class Rewriting(Record):
+    """An ``enqueue`` hook that stores another payload's handler in its place."""
+
+    def enqueue(self, job: Any) -> None:
+        job.handler = dump(Mailer("/p", "m"))
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind"),
+    [(Record("/p", "m"), "tests.jobs:Record"), (Rewriting("/p", "m"), "tests.jobs:Mailer")],
+)
+def test_the_notification_names_the_stored_handlers_kind(
+    monkeypatch: pytest.MonkeyPatch, payload: Record, kind: str
+) -> None:
+    """The kind named in the notification's headers is the stored handler's, also when an
+    ``enqueue`` hook rewrote the handler after validation read the payload's kind."""
+    published: list[Notification] = []
+
+    def persist(job: Any, _target: object, _config: Config) -> None:
+        job.id = 7
+
+    monkeypatch.setattr(enqueue_module, "persist", persist)
+    monkeypatch.setattr(enqueue_module, "publish", lambda notes, _config: published.extend(notes))
+    enqueue_module.enqueue(payload, config=Config(amqp_url="amqp://localhost/"))
+    [note] = published
+    assert (note.job_id, note.kind) == (7, kind)

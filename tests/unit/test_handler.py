@@ -17,7 +17,7 @@ import pytest
 from tests import jobs
 from tomqueue import HandlerError, SerializationError
 from tomqueue.delay import PerformableMethod
-from tomqueue.handler import dump, handler_kind, load
+from tomqueue.handler import dump, dump_with_kind, handler_kind, kind_of, load
 
 ALLOWED = frozenset({"tests.jobs"})
 
@@ -149,6 +149,37 @@ def test_too_deep_nesting_is_refused() -> None:
     payload.deep = value  # type: ignore[attr-defined]
     with pytest.raises(SerializationError, match="deeper"):
         dump(payload)
+
+
+class Node:
+    def __init__(self, child: object) -> None:
+        self.child = child
+
+
+def chain(objects: int) -> object:
+    """``objects`` nested objects around one string."""
+    value: object = "leaf"
+    for _ in range(objects):
+        value = Node(value)
+    return value
+
+
+def test_a_plain_value_below_the_deepest_level_is_refused() -> None:
+    """Plain attribute values take a short cut; the depth limit still counts them: 31
+    nested objects hold their string at level 32, 32 hold it at level 33."""
+    payload = jobs.Record("/p", "m")
+    payload.deep = chain(31)  # type: ignore[attr-defined]
+    dump(payload)
+    payload.deep = chain(32)  # type: ignore[attr-defined]
+    with pytest.raises(SerializationError, match="deeper"):
+        dump(payload)
+
+
+def test_dump_with_kind_names_the_payloads_kind() -> None:
+    payload = jobs.Record("/p", "m")
+    kind, text = dump_with_kind(payload)
+    assert kind == kind_of(jobs.Record) == handler_kind(text) == "tests.jobs:Record"
+    assert text == dump(payload)
 
 
 @pytest.mark.parametrize(
