@@ -225,12 +225,16 @@ def enqueue(
         return job
     run_enqueue_hooks(request, job)
     target = session if session is not None else connection
-    # a hook that rewrote the handler may have changed its kind: read it from the handler then
-    kind = request.kind if job.handler is request.handler else handler.handler_kind(job.handler)
+    kind = _kind(request, job)
     if tracing.active():
         with tracing.enqueue_span(kind):
             return _store(job, kind, target, config, tracing.current_traceparent())
     return _store(job, kind, target, config)
+
+
+def _kind(request: Request, job: Job) -> str:
+    """The stored handler's kind: the payload's, unless a hook rewrote the handler."""
+    return request.kind if job.handler is request.handler else handler.handler_kind(job.handler)
 
 
 def _store(
@@ -282,7 +286,7 @@ def enqueue_many(
     with tracing.enqueue_span(f"{len(new)} jobs") if tracing.active() else nullcontext():
         persist_many(new, target, config)
         trace = tracing.current_traceparent() if tracing.active() else ""
-    notes = [notification(job, trace, r.kind) for job, r in zip(new, requests, strict=True)]
+    notes = [notification(job, trace, _kind(r, job)) for r, job in zip(requests, new, strict=True)]
     if target is None:
         publish(notes, config)
     else:

@@ -101,8 +101,14 @@ def test_the_notification_names_the_stored_handlers_kind(
     def persist(job: Any, _target: object, _config: Config) -> None:
         job.id = 7
 
+    def persist_many(jobs: list[Any], _target: object, _config: Config) -> None:
+        for job in jobs:
+            job.id = 8
+
     monkeypatch.setattr(enqueue_module, "persist", persist)
+    monkeypatch.setattr(enqueue_module, "persist_many", persist_many)
     monkeypatch.setattr(enqueue_module, "publish", lambda notes, _config: published.extend(notes))
-    enqueue_module.enqueue(payload, config=Config(amqp_url="amqp://localhost/"))
-    [note] = published
-    assert (note.job_id, note.kind) == (7, kind)
+    config = Config(amqp_url="amqp://localhost/")
+    enqueue_module.enqueue(payload, config=config)
+    enqueue_module.enqueue_many([payload], config=config)
+    assert [(note.job_id, note.kind) for note in published] == [(7, kind), (8, kind)]
