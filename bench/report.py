@@ -281,6 +281,7 @@ def _w1_rows(db: str, w1: dict[str, Any]) -> list[Row]:
             ">= 3,000/s",
             "W1 enqueue+flush/s (confirms)",
         ),
+        *_w1_call_rows(db, o.get("enqueue_call_ms")),
         *_w1_sync_rows(db, o.get("sync")),
         *_w1_bulk_rows(db, o["bulk"]),
         (
@@ -304,6 +305,14 @@ def _w1_rows(db: str, w1: dict[str, Any]) -> list[Row]:
             "",
         ),
     ]
+
+
+def _w1_call_rows(db: str, calls: dict[str, float] | None) -> list[Row]:
+    """How long one ``enqueue`` call took: p50 / p99 / max."""
+    if not calls:
+        return []
+    times = " / ".join(f"{calls[k]:.2f}" for k in ("p50", "p99", "max"))
+    return [(db, "W1", "enqueue call p50 / p99 / max", f"{times} ms", "", "", "", "")]
 
 
 def _w1_sync_rows(db: str, sync: dict[str, Any] | None) -> list[Row]:

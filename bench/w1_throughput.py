@@ -20,6 +20,7 @@ from bench import dj_baseline, procs
 from bench.env import Target, count_jobs, reset, table_empty
 from bench.jobs import Noop
 from bench.options import Options
+from bench.w3_latency import percentiles
 from tomqueue import handler as handlers
 
 BULK_BATCH = 1000
@@ -34,14 +35,22 @@ def flushed(started: float) -> float:
     return time.perf_counter() - started
 
 
-def enqueue_ours(target: Target, count: int, sync: bool = False) -> tuple[float, float]:
+def enqueue_ours(
+    target: Target, count: int, sync: bool = False, calls: list[float] | None = None
+) -> tuple[float, float]:
     """Seconds to enqueue ``count`` jobs with ``tomqueue.enqueue`` (the first one also opens
-    the broker connection): until the last call returned, and until all are confirmed."""
+    the broker connection): until the last call returned, and until all are confirmed.
+    ``calls`` receives each call's milliseconds (a long tail is the producer waiting for
+    the GIL while the publisher thread works: bench/README.md)."""
     config = target.config.replace(sync_publish=sync)
-    started = time.perf_counter()
+    took = calls if calls is not None else []
+    clock = time.perf_counter
+    started = clock()
     for _ in range(count):
+        before = clock()
         tomqueue.enqueue(Noop(), config=config)
-    returned = time.perf_counter() - started
+        took.append((clock() - before) * 1000)
+    returned = clock() - started
     return returned, flushed(started)
 
 
@@ -104,7 +113,8 @@ def run_ours(target: Target, opts: Options) -> dict[str, Any]:
     n = opts.sizes.w1_jobs
     sync = enqueue_ours_sync(target, n)
     reset(target)
-    enqueue_s, confirmed_s = enqueue_ours(target, n)
+    calls: list[float] = []
+    enqueue_s, confirmed_s = enqueue_ours(target, n, calls=calls)
     worker = procs.tomqueue_worker(target, opts.threads, True, "w1", profile=opts.profile)
     try:
         drain_s = drain(target, worker, timeout=max(120.0, n / 20))
@@ -116,6 +126,7 @@ def run_ours(target: Target, opts: Options) -> dict[str, Any]:
         "enqueue_seconds": enqueue_s,
         "enqueue_flush_per_s": n / confirmed_s,
         "enqueue_flush_seconds": confirmed_s,
+        "enqueue_call_ms": {**percentiles(calls, (50, 99)), "max": max(calls)},
         "sync": sync,
         "processed_per_s": n / drain_s,
         "drain_seconds": drain_s,

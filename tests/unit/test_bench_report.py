@@ -108,3 +108,11 @@ def test_notes_say_why_an_importable_reference_did_not_run() -> None:
     assert found["celery"]["note"] == "importable, not run (W1 not selected)"
     assert found["dramatiq"]["note"] == "measured"
     assert found["x"]["note"] == "not installed"
+
+
+def test_w1_shows_how_long_one_enqueue_call_took_when_measured() -> None:
+    measured = w1()
+    measured["ours"]["enqueue_call_ms"] = {"p50": 0.29, "p99": 1.754, "max": 3.2}
+    [row] = [r for r in report._w1_rows("postgresql", measured) if "call" in r[2]]
+    assert row[2:4] == ("enqueue call p50 / p99 / max", "0.29 / 1.75 / 3.20 ms")
+    assert not [r for r in report._w1_rows("postgresql", w1()) if "call" in r[2]]
