@@ -36,29 +36,29 @@ def flushed(started: float) -> float:
 
 
 def enqueue_ours(
-    target: Target, count: int, sync: bool = False, calls: list[float] | None = None
-) -> tuple[float, float]:
+    target: Target, count: int, sync: bool = False
+) -> tuple[float, float, list[float]]:
     """Seconds to enqueue ``count`` jobs with ``tomqueue.enqueue`` (the first one also opens
-    the broker connection): until the last call returned, and until all are confirmed.
-    ``calls`` receives each call's milliseconds (a long tail is the producer waiting for
-    the GIL while the publisher thread works: bench/README.md)."""
+    the broker connection): until the last call returned, and until all are confirmed; and
+    each call's milliseconds (a long tail is the producer waiting for the GIL while the
+    publisher thread works: bench/README.md)."""
     config = target.config.replace(sync_publish=sync)
-    took = calls if calls is not None else []
+    calls: list[float] = []
     clock = time.perf_counter
     started = clock()
     for _ in range(count):
         before = clock()
         tomqueue.enqueue(Noop(), config=config)
-        took.append((clock() - before) * 1000)
+        calls.append((clock() - before) * 1000)
     returned = clock() - started
-    return returned, flushed(started)
+    return returned, flushed(started), calls
 
 
 def enqueue_ours_sync(target: Target, count: int) -> dict[str, Any]:
     """``sync_publish=True``: each enqueue waits for its own confirm (the old behaviour)."""
     reset(target)
     n = min(count, SYNC_JOBS)
-    seconds, _ = enqueue_ours(target, n, sync=True)
+    seconds, _, _ = enqueue_ours(target, n, sync=True)
     reset(target)
     return {"jobs": n, "enqueue_per_s": n / seconds, "enqueue_seconds": seconds}
 
@@ -113,8 +113,7 @@ def run_ours(target: Target, opts: Options) -> dict[str, Any]:
     n = opts.sizes.w1_jobs
     sync = enqueue_ours_sync(target, n)
     reset(target)
-    calls: list[float] = []
-    enqueue_s, confirmed_s = enqueue_ours(target, n, calls=calls)
+    enqueue_s, confirmed_s, calls = enqueue_ours(target, n)
     worker = procs.tomqueue_worker(target, opts.threads, True, "w1", profile=opts.profile)
     try:
         drain_s = drain(target, worker, timeout=max(120.0, n / 20))

@@ -101,11 +101,11 @@ def _encode_attrs(obj: object, path: str, depth: int) -> dict[str, Any]:
         state = getattr(obj, "__dict__", None)
     if not isinstance(state, dict):
         raise SerializationError(f"{path}: {type(obj).__name__} has no attribute dictionary")
-    if depth + 1 > _MAX_DEPTH:
-        return {str(k): _encode(v, f"{path}.{k}", depth + 1) for k, v in state.items()}
-    # a plain value is stored as it is: no path is spelled out for it (only errors need one)
+    # a plain value is stored as it is, without spelling out its path (only errors need one),
+    # unless it lies past the depth limit, which _encode refuses
+    plain = _PLAIN if depth < _MAX_DEPTH else frozenset()
     return {
-        str(k): v if type(v) in _PLAIN else _encode(v, f"{path}.{k}", depth + 1)
+        str(k): v if type(v) in plain else _encode(v, f"{path}.{k}", depth + 1)
         for k, v in state.items()
     }
 
