@@ -281,6 +281,7 @@ def _w1_rows(db: str, w1: dict[str, Any]) -> list[Row]:
             ">= 3,000/s",
             "W1 enqueue+flush/s (confirms)",
         ),
+        *_w1_floor_rows(db, o.get("floor"), enq[0]),
         *_w1_call_rows(db, o.get("enqueue_call_ms")),
         *_w1_sync_rows(db, o.get("sync")),
         *_w1_bulk_rows(db, o["bulk"]),
@@ -305,6 +306,15 @@ def _w1_rows(db: str, w1: dict[str, Any]) -> list[Row]:
             "",
         ),
     ]
+
+
+def _w1_floor_rows(db: str, floor: dict[str, Any] | None, ours: float) -> list[Row]:
+    """The bare INSERT's rate: what one-by-one ``enqueue`` could reach on this host."""
+    if not floor:
+        return []
+    rate = floor["enqueue_per_s"]
+    label = f"enqueue floor: bare INSERT, no broker ({floor['jobs']:,}; ours {ours / rate:.2f}x)"
+    return [(db, "W1", label, fmt(rate, "/s"), "", "", "", "")]
 
 
 def _w1_call_rows(db: str, calls: dict[str, float] | None) -> list[Row]:

@@ -8,6 +8,9 @@ processed/s is measured from its start until the table is empty. ``sync_publish`
 waits for its own confirm) is measured on ``SYNC_JOBS`` jobs. Baseline: Delayed::Job-style
 one-INSERT-per-job enqueue, then ``python -m bench.dj_baseline --threads N --exit-on-empty``.
 When tomqueue has ``enqueue_many``, its rate (batches of ``BULK_BATCH``) is reported too.
+Floor: ``FLOOR_JOBS`` bare INSERTs one by one (``w3_floor.bare_insert``: the same statement
+and durable commit, none of our code, no broker): the most one producer calling ``enqueue``
+could reach on this host at this hour.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from bench import dj_baseline, procs
 from bench.env import Target, count_jobs, reset, table_empty
 from bench.jobs import Noop
 from bench.options import Options
+from bench.w3_floor import bare_insert
 from bench.w3_latency import percentiles
 from tomqueue import handler as handlers
+from tomqueue.db import get_autocommit_engine
 
 BULK_BATCH = 1000
 SYNC_JOBS = 2000
+FLOOR_JOBS = 5000
 FLUSH_TIMEOUT = 120.0
 
 
@@ -59,6 +65,27 @@ def enqueue_ours_sync(target: Target, count: int) -> dict[str, Any]:
     reset(target)
     n = min(count, SYNC_JOBS)
     seconds, _, _ = enqueue_ours(target, n, sync=True)
+    reset(target)
+    return {"jobs": n, "enqueue_per_s": n / seconds, "enqueue_seconds": seconds}
+
+
+def enqueue_floor(target: Target, count: int) -> dict[str, Any]:
+    """The host's floor for ``enqueue`` one by one: bare INSERTs (``bare_insert``)."""
+    reset(target)
+    n = min(count, FLOOR_JOBS)
+    engine = get_autocommit_engine(target.config)
+    raw = engine.raw_connection()
+    try:
+        insert = bare_insert(engine, raw, Noop(), target.config)
+        started = time.perf_counter()
+        for _ in range(n):
+            insert()
+        seconds = time.perf_counter() - started
+    finally:
+        raw.close()
+    stored = count_jobs(target)
+    if stored != n:
+        raise RuntimeError(f"the floor's INSERTs stored {stored} of {n} rows")
     reset(target)
     return {"jobs": n, "enqueue_per_s": n / seconds, "enqueue_seconds": seconds}
 
@@ -133,6 +160,7 @@ def run_ours(target: Target, opts: Options) -> dict[str, Any]:
     }
     reset(target)
     out["bulk"] = enqueue_ours_bulk(target, n)
+    out["floor"] = enqueue_floor(target, n)
     return out
 
 
