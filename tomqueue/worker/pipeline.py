@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from tomqueue.config import LEVELS
@@ -34,6 +35,7 @@ log = logging.getLogger("tomqueue.worker")
 MAX_RECORD_BATCH = 500
 LATE_RETRY_SECONDS = 5.0  # an idle recorder's retries of outcomes it could not write
 LOCKERS = 2  # while one waits for the database, the other locks the next batch
+STOP_JOIN = 5.0  # seconds stop() waits for all of its threads together
 
 
 def urgency(delivery: Delivery) -> tuple[int, float]:
@@ -101,8 +103,9 @@ class Pipeline:
         self._finished.put(None)
         for _ in range(self.threads):
             self._runnable.put(None)
+        deadline = time.monotonic() + STOP_JOIN  # abandoned job threads never end
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.watchdog.stop()
 
     # --- the threads -------------------------------------------------------------------

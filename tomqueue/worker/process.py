@@ -110,13 +110,15 @@ class Worker:
         self.heartbeat.start()
         self.sweeper.start()
         self.pipeline.start()
+        drained = False
         try:
             self._connect()
             self._loop()
         finally:
-            self._drain()
+            drained = self._drain()
             self.sweeper.stop()
-            self.heartbeat.stop(keep_record=self.ctx.abandoned_threads > 0)
+            # a job still running must keep its lock until this process is gone
+            self.heartbeat.stop(keep_record=self.ctx.abandoned_threads > 0 or not drained)
         log.info(
             "worker %s exiting: %s", self.name, self.ctx.counters, extra={"action": "worker_exit"}
         )
@@ -242,9 +244,12 @@ class Worker:
         self.consumer.close()
         self._connect()
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
         """Let running jobs finish (or be released), keeping the connection's I/O going:
-        the acks and follow-up notifications of the last jobs go through it."""
+        the acks and follow-up notifications of the last jobs go through it. The grace
+        applies however the loop ended (a stop request, or an error on its way out).
+        False if it gave up (``slow_stop.GIVE_UP``) with work still in the pipeline."""
+        self.request_stop()
         for delivery in self._buffer:
             try:
                 self.consumer.requeue(delivery)
@@ -252,18 +257,25 @@ class Worker:
                 break
         self._buffer.clear()
         started, reported = time.monotonic(), False
+        give_up_at = started + self.config.stop_grace + self.config.timeout_grace
+        give_up_at += slow_stop.GIVE_UP
         while not self.pipeline.idle():
-            waited = time.monotonic() - started
-            if not reported and waited > self.config.stop_grace + slow_stop.MARGIN:
+            now = time.monotonic()
+            if not reported and now - started > self.config.stop_grace + slow_stop.MARGIN:
                 reported = True
-                slow_stop.report(waited, *self.pipeline.load())
+                slow_stop.report(now - started, *self.pipeline.load())
+            if now > give_up_at:
+                slow_stop.give_up(now - started, *self.pipeline.load())
+                break
             try:
                 self.consumer.poll(0.1, 0)
             except (AMQPError, BrokerUnavailable):
                 time.sleep(0.1)
+        drained = self.pipeline.idle()
         self.pipeline.stop()  # its recorder may have been retrying them: now it is done
         self._record_late()
         self.consumer.close()
+        return drained
 
     def _record_late(self) -> None:
         """A last try at outcomes that could not be written; what is still unwritten is run

@@ -2,6 +2,10 @@
 ``MARGIN`` seconds past ``stop_grace`` (the watchdog has released every job still running
 by then), one WARNING (``action=slow_stop``) with the pipeline's counts and where each of
 the process's threads is — identical stacks (idle job threads) once, with their count.
+``GIVE_UP`` seconds past ``stop_grace + timeout_grace`` (a job thread or a database call
+that never returns) the worker stops waiting and exits with one ERROR
+(``action=stop_gave_up``), before a supervisor's ``stopwaitsecs`` (60 s in our examples,
+against a 30 s grace) kills it without a word.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import traceback
 log = logging.getLogger("tomqueue.worker")
 
 MARGIN = 5.0  # seconds past stop_grace before the report
+GIVE_UP = 15.0  # seconds past stop_grace + timeout_grace before the worker exits anyway
 
 
 def thread_stacks() -> str:
@@ -41,4 +46,16 @@ def report(seconds: float, busy: int, unrecorded: int) -> None:
         unrecorded,
         thread_stacks(),
         extra={"action": "slow_stop"},
+    )
+
+
+def give_up(seconds: float, busy: int, unrecorded: int) -> None:
+    log.error(
+        "gave up waiting after %.0f s: %d job place(s) still busy, %d outcome(s) not yet "
+        "recorded; exiting anyway. Jobs this worker still holds run again once its lease "
+        "expires",
+        seconds,
+        busy,
+        unrecorded,
+        extra={"action": "stop_gave_up"},
     )
