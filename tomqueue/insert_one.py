@@ -1,5 +1,5 @@
 """Layer 3's single-row INSERT (``enqueue`` outside a transaction) on a connection kept out
-of the pool (``db.ConnectionStack``): one round trip in autocommit, nothing to roll back.
+of the pool (``connections.ConnectionStack``): one round trip in autocommit, nothing to roll back.
 
 The statement goes to the driver below its cursor where the driver allows it: a cursor's
 parameter machinery costs as much CPU as the rest of ``enqueue`` on our 2-core machines.
@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import Engine, insert
 from sqlalchemy.pool import PoolProxiedConnection
 
-from tomqueue.db import kept_cursor
+from tomqueue.connections import kept_cursor
 from tomqueue.schema import SCHEMA_VERSION, jobs
 
 COLUMNS = tuple(c.name for c in jobs.columns if c.name != "id")

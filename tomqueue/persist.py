@@ -25,14 +25,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from tomqueue.config import Config
-from tomqueue.db import (
-    STATEMENT_MARGIN,
-    connection_stack,
-    driver_error,
-    get_autocommit_engine,
-    get_engine,
-    statement_limit,
-)
+from tomqueue.connections import connection_stack, driver_error
+from tomqueue.db import STATEMENT_MARGIN, get_autocommit_engine, get_engine, statement_limit
 from tomqueue.insert_one import COLUMNS, DRIVERS, insert_one, statement
 from tomqueue.schema import Job, jobs
 

@@ -34,13 +34,8 @@ from tests.jobs import Record
 from tests.ports import free_port
 from tomqueue import persist
 from tomqueue.config import Config
-from tomqueue.db import (
-    ConnectionStack,
-    connection_stack,
-    dispose_engines,
-    get_autocommit_engine,
-    get_engine,
-)
+from tomqueue.connections import ConnectionStack, connection_stack
+from tomqueue.db import dispose_engines, get_autocommit_engine, get_engine
 from tomqueue.errors import PublishError
 from tomqueue.message import decode
 from tomqueue.transport import background

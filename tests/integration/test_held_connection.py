@@ -8,7 +8,8 @@ from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import Stack, on_stacks
 from tests.e2e.faults import dbctl
-from tomqueue.db import HeldConnection, get_autocommit_engine
+from tomqueue.connections import HeldConnection
+from tomqueue.db import get_autocommit_engine
 from tomqueue.worker import outcome
 
 

@@ -13,7 +13,8 @@ from tests.conftest import DATABASES, Stack, on_stacks
 from tests.e2e.faults import dbctl
 from tests.jobs import Record
 from tomqueue.config import Config
-from tomqueue.db import HeldConnection, get_engine
+from tomqueue.connections import HeldConnection
+from tomqueue.db import get_engine
 from tomqueue.worker import hot_sql, outcome
 
 POLLING = [(d, "polling") for d in DATABASES]

@@ -23,7 +23,8 @@ from sqlalchemy.pool import PoolProxiedConnection
 from tests.conftest import Stack, job_count, on_stacks
 from tomqueue import insert_one as module
 from tomqueue import persist
-from tomqueue.db import connection_stack, get_autocommit_engine, get_engine, kept_cursor
+from tomqueue.connections import connection_stack, kept_cursor
+from tomqueue.db import get_autocommit_engine, get_engine
 from tomqueue.schema import jobs
 
 WHEN = datetime(2026, 12, 7, 5, 40, 1, 234567)

@@ -3,7 +3,7 @@
 Building these with SQLAlchemy's expression language (an ``IN`` of row values, compiled
 with its cache key per batch) costs more CPU per job than the database spends running them,
 so they are written once per dialect here and sent straight to the driver's cursor
-(``tomqueue.db.driver_execute``; SQLite through ``exec_driver_sql``):
+(``tomqueue.connections.driver_execute``; SQLite through ``exec_driver_sql``):
 
 - ``lock_plain``: lock the jobs of a batch that are due, unlocked, unfailed and at the
   message's version — one ``UPDATE ... RETURNING`` (MySQL: ``UPDATE`` then read back);
@@ -23,7 +23,8 @@ from typing import Any
 
 from sqlalchemy import Connection, DateTime
 
-from tomqueue.db import driver_execute, now_sql
+from tomqueue.connections import driver_execute
+from tomqueue.db import now_sql
 from tomqueue.schema import jobs
 
 COLUMNS = ", ".join(c.name for c in jobs.columns)

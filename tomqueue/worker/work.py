@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 
 from tomqueue.config import Config
-from tomqueue.db import HeldConnection
+from tomqueue.connections import HeldConnection
 from tomqueue.message import Notification
 from tomqueue.schema import Job
 from tomqueue.transport.base import Consumer, Delivery
