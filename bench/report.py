@@ -309,11 +309,11 @@ def _w1_rows(db: str, w1: dict[str, Any]) -> list[Row]:
 
 
 def _w1_floor_rows(db: str, floor: dict[str, Any] | None, ours: float) -> list[Row]:
-    """The bare INSERT's rate: what one-by-one ``enqueue`` could reach on this host."""
+    """The rate of ``enqueue``'s INSERT alone: what one-by-one ``enqueue`` could reach."""
     if not floor:
         return []
     rate = floor["enqueue_per_s"]
-    label = f"enqueue floor: bare INSERT, no broker ({floor['jobs']:,}; ours {ours / rate:.2f}x)"
+    label = f"enqueue floor: its INSERT alone ({floor['jobs']:,}; ours {ours / rate:.2f}x)"
     return [(db, "W1", label, fmt(rate, "/s"), "", "", "", "")]
 
 

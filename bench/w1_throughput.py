@@ -8,9 +8,9 @@ processed/s is measured from its start until the table is empty. ``sync_publish`
 waits for its own confirm) is measured on ``SYNC_JOBS`` jobs. Baseline: Delayed::Job-style
 one-INSERT-per-job enqueue, then ``python -m bench.dj_baseline --threads N --exit-on-empty``.
 When tomqueue has ``enqueue_many``, its rate (batches of ``BULK_BATCH``) is reported too.
-Floor: ``FLOOR_JOBS`` bare INSERTs one by one (``w3_floor.bare_insert``: the same statement
-and durable commit, none of our code, no broker): the most one producer calling ``enqueue``
-could reach on this host at this hour.
+Floor: ``FLOOR_JOBS`` of ``enqueue``'s INSERTs alone, one by one (``insert_one``, a durable
+commit each, no validation, no notification, no broker): the most one producer calling
+``enqueue`` could reach on this host at this hour.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from bench import dj_baseline, procs
 from bench.env import Target, count_jobs, reset, table_empty
 from bench.jobs import Noop
 from bench.options import Options
-from bench.w3_floor import bare_insert
 from bench.w3_latency import percentiles
 from tomqueue import handler as handlers
+from tomqueue.connections import connection_stack
 from tomqueue.db import get_autocommit_engine
+from tomqueue.enqueue import new_job, validate
+from tomqueue.insert_one import insert_one
+from tomqueue.persist import row_values
 
 BULK_BATCH = 1000
 SYNC_JOBS = 2000
@@ -70,19 +73,21 @@ def enqueue_ours_sync(target: Target, count: int) -> dict[str, Any]:
 
 
 def enqueue_floor(target: Target, count: int) -> dict[str, Any]:
-    """The host's floor for ``enqueue`` one by one: bare INSERTs (``bare_insert``)."""
+    """The ceiling of ``enqueue`` one by one: its INSERT alone (``insert_one`` on a kept
+    autocommit connection, a durable commit each), the row's values built once, no broker."""
     reset(target)
     n = min(count, FLOOR_JOBS)
     engine = get_autocommit_engine(target.config)
-    raw = engine.raw_connection()
+    values = row_values(new_job(validate(Noop(), 0, None, None, target.config)))
+    stack = connection_stack(engine)
+    raw = stack.take()
     try:
-        insert = bare_insert(engine, raw, Noop(), target.config)
         started = time.perf_counter()
         for _ in range(n):
-            insert()
+            insert_one(engine, raw, values)
         seconds = time.perf_counter() - started
     finally:
-        raw.close()
+        stack.give_back(raw)
     stored = count_jobs(target)
     if stored != n:
         raise RuntimeError(f"the floor's INSERTs stored {stored} of {n} rows")

@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pika
-from sqlalchemy import Engine
 
 from bench import procs
 from bench.env import Target, channel, reset
@@ -70,12 +68,16 @@ def run(target: Target, opts: Options, send_jobs: Any) -> dict[str, Any]:
     connection = pika.BlockingConnection(pika.URLParameters(target.amqp_url))
     try:
         procs.wait_until(ready.exists, 30, "the floor consumer to start", 0.05)
-        insert = bare_insert(engine, raw, Stamp(path, "floor"), target.config)
+        insert, returning = statement(engine), engine.dialect.name == "postgresql"
+        values = row_values(new_job(validate(Stamp(path, "floor"), 0, None, None, target.config)))
+        cursor = raw.cursor()
         publish = connection.channel()
         props = pika.BasicProperties(delivery_mode=2)
 
         def send(marker: str) -> None:
-            publish.basic_publish("", name, f"{insert()} {marker}".encode(), props)
+            cursor.execute(insert, values)
+            job_id = cursor.fetchone()[0] if returning else cursor.lastrowid  # type: ignore[index]
+            publish.basic_publish("", name, f"{job_id} {marker}".encode(), props)
 
         return send_jobs(send, path)  # type: ignore[no-any-return]
     finally:
@@ -86,21 +88,6 @@ def run(target: Target, opts: Options, send_jobs: Any) -> dict[str, Any]:
         with channel(target) as ch:
             ch.queue_delete(name)
         reset(target)
-
-
-def bare_insert(engine: Engine, raw: Any, payload: Any, config: Config) -> Callable[[], int]:
-    """A function that INSERTs ``payload``'s job row the way ``enqueue`` does — the same
-    statement, one autocommit round trip, a durable commit — through the driver's cursor,
-    with the row's values built once: none of our code per call. Returns the new id."""
-    insert, returning = statement(engine), engine.dialect.name == "postgresql"
-    values = row_values(new_job(validate(payload, 0, None, None, config)))
-    cursor = raw.cursor()
-
-    def run() -> int:
-        cursor.execute(insert, values)
-        return int(cursor.fetchone()[0] if returning else cursor.lastrowid)
-
-    return run
 
 
 def consume(url: str, amqp: str, queue: str, stamps: str, ready: str) -> None:

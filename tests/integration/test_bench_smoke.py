@@ -49,7 +49,7 @@ def test_quick_w1_on_postgresql_writes_the_json(tmp_path: Path) -> None:
         assert w1[side]["processed_per_s"] > 0
     assert w1["ours"]["enqueue_flush_per_s"] > 0  # until every notification is confirmed
     assert w1["ours"]["sync"]["enqueue_per_s"] > 0  # sync_publish
-    floor = w1["ours"]["floor"]  # bare INSERTs, one by one
+    floor = w1["ours"]["floor"]  # enqueue's INSERT alone, one by one
     assert floor["enqueue_per_s"] > 0 and floor["jobs"] == w1["jobs"]
     bulk = w1["ours"]["bulk"]
     assert bulk["available"] in (True, False)

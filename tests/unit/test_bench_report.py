@@ -118,11 +118,11 @@ def test_w1_shows_how_long_one_enqueue_call_took_when_measured() -> None:
     assert not [r for r in report._w1_rows("postgresql", w1()) if "call" in r[2]]
 
 
-def test_w1_shows_the_bare_insert_floor_beside_our_enqueue_rate() -> None:
+def test_w1_shows_the_insert_alone_floor_beside_our_enqueue_rate() -> None:
     measured = w1()
     measured["ours"]["floor"] = {"jobs": 5000, "enqueue_per_s": 3000.0, "enqueue_seconds": 1.67}
     [row] = [r for r in report._w1_rows("postgresql", measured) if "floor" in r[2]]
     ours = measured["ours"]["enqueue_per_s"] / 3000.0
-    label = f"enqueue floor: bare INSERT, no broker (5,000; ours {ours:.2f}x)"
+    label = f"enqueue floor: its INSERT alone (5,000; ours {ours:.2f}x)"
     assert row[2:4] == (label, "3,000/s")
     assert not [r for r in report._w1_rows("postgresql", w1()) if "floor" in r[2]]
