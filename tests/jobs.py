@@ -150,6 +150,20 @@ class Stubborn:
         ledger.record(self.path, self.marker, "end")
 
 
+class Blocked:
+    """Blocks in one long C call: an interruption is raised only once the call returns."""
+
+    def __init__(self, path: str, marker: str, seconds: float = 60.0) -> None:
+        self.path = path
+        self.marker = marker
+        self.seconds = seconds
+
+    def perform(self) -> None:
+        ledger.record(self.path, self.marker, "start")
+        time.sleep(self.seconds)
+        ledger.record(self.path, self.marker, "end")
+
+
 class Mailer:
     """A payload that names its own Delayed::Job queue."""
 

@@ -31,7 +31,7 @@ from tests.conftest import (
     wait_until,
     worker_env,
 )
-from tests.jobs import Record, Sleepy
+from tests.jobs import Blocked, Record, Sleepy
 from tomqueue.db import get_engine
 from tomqueue.message import decode
 from tomqueue.schema import Job
@@ -148,6 +148,36 @@ def test_job_longer_than_stop_grace_is_released_not_failed(
             for b, h in drain_queue(stack.config, f"{stack.config.prefix}.balance.normal")
         ]
         assert [(n.job_id, n.version) for n in notes] == [(job.id, job.version + 1)]
+
+
+@on_stacks(("postgresql", "amqp"))
+def test_jobs_stuck_in_one_call_do_not_hold_up_the_exit(
+    stack: Stack, ledger_path: str, tmp_path: Path, worker_processes: list[WorkerProcess]
+) -> None:
+    """Three jobs blocked in C past ``stop_grace`` + ``timeout_grace``: their threads are
+    abandoned (attempt counted, rows kept locked: the process may still run them) and the
+    worker exits after one shared wait for its threads, not one per stuck thread."""
+    jobs = [tomqueue.enqueue(Blocked(ledger_path, f"b{i}")) for i in range(3)]
+    grace = {"TOMQUEUE_STOP_GRACE": "1", "TOMQUEUE_TIMEOUT_GRACE": "1"}
+    worker = start_worker(stack, tmp_path, worker_processes, "--threads", "3", **grace)
+    wait_until(lambda: len(ledger.counts(ledger_path, "start")) == 3, 30, "the jobs to start")
+
+    started = time.monotonic()
+    worker.send(signal.SIGTERM)
+    code = worker.wait(60)
+    took = time.monotonic() - started
+
+    assert code == 0, worker.log()[-3000:]
+    # grace 1 s + timeout grace 1 s + one 5 s wait for every thread; 5 s per stuck thread
+    # (17 s here) before the threads shared the wait
+    assert took < 12, f"the worker took {took:.1f} s to exit"
+    with get_engine(stack.config).connect() as conn:
+        rows = conn.execute(select(Job.__table__).where(Job.id.in_([j.id for j in jobs]))).all()
+    assert len(rows) == 3
+    for row in rows:
+        assert row.locked_by is not None, "an abandoned job must stay locked"
+        assert row.attempts == 1
+    assert worker.log().count("a job thread ignored its interruption") == 3
 
 
 @on_stacks(("postgresql", "amqp"))
