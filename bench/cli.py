@@ -136,7 +136,7 @@ def _pick(raw: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
 
 
 def machine() -> dict[str, Any]:
-    packages = ("SQLAlchemy", "psycopg", "PyMySQL", "pika", "tomqueue")
+    packages: tuple[str, ...] = ("SQLAlchemy", "psycopg", "PyMySQL", "pika", "tomqueue")
     packages += ("celery", "kombu", "amqp", "dramatiq")  # the W1 references, if installed
     return {
         "nproc": os.cpu_count(),

@@ -109,7 +109,7 @@ def live_bytes_per_job(count: int) -> float:
         channel.exchange_delete(topology.deferred_exchange)
         channel.exchange_delete(topology.work_exchange)
         connection.close()
-    return (rss_after - rss_before) / count
+    return float(rss_after - rss_before) / count
 
 
 def _ready(channel: object, queue: str) -> int:

@@ -87,7 +87,7 @@ def _copy(target: Target, data: Iterator[Row]) -> int:
     raw = target.engine.raw_connection()
     try:
         cursor = raw.cursor()
-        with cursor.copy(f"COPY delayed_jobs ({', '.join(COLUMNS)}) FROM STDIN") as copy:  # type: ignore[attr-defined]
+        with cursor.copy(f"COPY delayed_jobs ({', '.join(COLUMNS)}) FROM STDIN") as copy:
             for row in data:
                 copy.write_row(row)
                 n += 1

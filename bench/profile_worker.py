@@ -203,8 +203,8 @@ def summarize(path: str, top: int = 40) -> None:
         for name in names:
             inclusive[name] += int(n)
     print(f"{total} samples")
-    for name, n in inclusive.most_common(top):
-        print(f"  {n / total * 100:5.1f}%  {name}")
+    for name, samples in inclusive.most_common(top):
+        print(f"  {samples / total * 100:5.1f}%  {name}")
 
 
 def _frame_name(frame: str) -> str:

@@ -328,7 +328,7 @@ class Soak:
                 longest_fault = f"{name} at {time.strftime('%H:%M:%S', time.localtime(at))}"
         lateness = sorted(first_ok[m] - due[m] for m in due if m in first_ok)
         left = rows(self.config)
-        faults = defaultdict(int)
+        faults: defaultdict[str, int] = defaultdict(int)
         for _at, name in self.faults:
             faults[name] += 1
         print()

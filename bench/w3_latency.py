@@ -87,11 +87,11 @@ def run_ours(target: Target, opts: Options) -> dict[str, Any]:
         procs.wait_until(lambda: read_stamps(path), 30, "the warm-up job", 0.05)
         Path(path).unlink()
         count = int(opts.sizes.w3_seconds / opts.sizes.w3_interval)
-        sent, took = paced(
-            count,
-            opts.sizes.w3_interval,
-            lambda m: tomqueue.enqueue(Stamp(path, m), config=target.config),
-        )
+
+        def send(marker: str) -> None:
+            tomqueue.enqueue(Stamp(path, marker), config=target.config)
+
+        sent, took = paced(count, opts.sizes.w3_interval, send)
         result = latencies(sent, took, path, timeout=30)
     finally:
         worker.stop()

@@ -188,8 +188,8 @@ def declare_topology(config: Config, queue_sets: Sequence[str | None] = (None,))
     topology = Topology.of(config)
     with amqp_channel(config) as channel:
         for queue in queue_sets:
-            declare_work(channel, topology, queue)  # type: ignore[arg-type]
-        declare_deferred(channel, topology)  # type: ignore[arg-type]
+            declare_work(channel, topology, queue)
+        declare_deferred(channel, topology)
 
 
 def settle_enqueued() -> None:

@@ -45,10 +45,12 @@ def _ctl(args: list[str], env: dict[str, str] | None = None, timeout: float = 60
     return result.stdout
 
 
-def list_connections(node_args: list[str], env: dict[str, str] | None = None) -> list[tuple]:
+def list_connections(
+    node_args: list[str], env: dict[str, str] | None = None
+) -> list[tuple[str, str, int]]:
     """[(connection pid, role, os pid)] of the tomqueue connections on a node."""
     out = _ctl([*node_args, "-q", "list_connections", "pid", "client_properties"], env)
-    found = []
+    found: list[tuple[str, str, int]] = []
     for line in out.splitlines():
         match = _NAME.search(line)
         if match and line.startswith("<"):

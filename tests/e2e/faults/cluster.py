@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 from sqlalchemy import select
@@ -192,7 +193,7 @@ class Cluster:
 # --- the end of a scenario ----------------------------------------------------------------------
 
 
-def rows(config: Config) -> list:
+def rows(config: Config) -> list[Any]:
     with get_engine(config).connect() as conn:
         return list(conn.execute(select(jobs).order_by(Job.id)).all())
 
