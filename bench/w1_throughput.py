@@ -49,8 +49,8 @@ def enqueue_ours(
 ) -> tuple[float, float, list[float]]:
     """Seconds to enqueue ``count`` jobs with ``tomqueue.enqueue`` (the first one also opens
     the broker connection): until the last call returned, and until all are confirmed; and
-    each call's milliseconds (a long tail is the producer waiting for the GIL while the
-    publisher thread works: bench/README.md)."""
+    each call's milliseconds (the long tail with a broker is the producer and the database
+    waiting for a core while RabbitMQ works: bench/README.md)."""
     config = target.config.replace(sync_publish=sync)
     calls: list[float] = []
     clock = time.perf_counter
