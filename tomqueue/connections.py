@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import PoolProxiedConnection
 
 from tomqueue.config import Config
-from tomqueue.db import get_autocommit_engine, get_engine
+from tomqueue.db import get_autocommit_engine, get_engine, psycopg_lost
 
 
 class HeldConnection:
@@ -172,7 +172,10 @@ def driver_error(
     """SQLAlchemy's exception for a driver error; a lost connection is invalidated, and so
     is the rest of the pool (after a database restart every pooled connection is dead)."""
     dialect = engine.dialect
-    lost = raw is not None and dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
+    lost = raw is not None and (
+        dialect.is_disconnect(exc, raw.dbapi_connection, cursor)
+        or (dialect.driver == "psycopg" and psycopg_lost(exc))
+    )
     if lost:
         assert raw is not None
         raw.invalidate(exc)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, literal_column, select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.sql.elements import ColumnElement
 
 from tomqueue.config import Config
@@ -111,7 +111,33 @@ def make_engine(url: str, autocommit: bool = False) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
     elif parsed.get_backend_name() in ("mysql", "mariadb"):
         event.listen(engine, "connect", _mysql_on_connect)
+    elif engine.dialect.driver == "psycopg":
+        event.listen(engine, "handle_error", _psycopg_disconnect)
     return engine
+
+
+def psycopg_lost(exc: BaseException) -> bool:
+    """Whether a psycopg error leaves its connection unusable although psycopg does not
+    call the connection broken (SQLAlchemy's own test). That covers an error raised by the
+    client itself, which has no SQLSTATE: a send or a read that failed, or a connection
+    given back in the middle of another command ("another command is already in
+    progress", which would otherwise refuse every statement from then on). It also covers
+    a connection-class SQLSTATE (08...) and a server shutdown (57P..). A statement that
+    failed, was cancelled (57014) or lost a deadlock (40P01) leaves the connection good."""
+    import psycopg
+
+    if not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P"))
+
+
+def _psycopg_disconnect(context: ExceptionContext) -> None:
+    """SQLAlchemy's ``handle_error``: a connection ``psycopg_lost`` leaves unusable is
+    invalidated with the rest of its pool, as for any disconnect, instead of going back to
+    the pool."""
+    if not context.is_disconnect and psycopg_lost(context.original_exception):
+        context.is_disconnect = True
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:

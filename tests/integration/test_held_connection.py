@@ -32,3 +32,25 @@ def test_a_killed_pooled_connection_fails_as_a_transient_error(stack: Stack) -> 
     with held.use() as conn:
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1
     held.close()
+
+
+@on_stacks(("postgresql", "polling"))
+def test_a_pooled_connection_left_mid_command_is_dropped_with_the_pool(stack: Stack) -> None:
+    """A connection given back to the pool in the middle of a command (a thread interrupted
+    while it waited: psycopg then refuses the next statement, "another command is already in
+    progress", without calling the connection broken) counts as lost: it and the pool's
+    other connections are replaced, so the next use works instead of failing forever."""
+    engine = get_autocommit_engine(stack.config)
+    engine.dispose()  # a pool of exactly one connection: the poisoned one
+    raw = engine.raw_connection()
+    raw.driver_connection.pgconn.send_query(b"SELECT pg_sleep(0.2)")
+    raw.close()  # back to the pool, its query still running
+
+    held = HeldConnection(stack.config)
+    with pytest.raises(DBAPIError) as failed, held.use() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    assert failed.value.connection_invalidated, failed.value
+    assert outcome._transient(failed.value)
+    with held.use() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    held.close()
