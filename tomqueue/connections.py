@@ -30,7 +30,9 @@ class HeldConnection:
     engine (``get_autocommit_engine``: autocommit is set when the connection is made, not at
     each checkout), so a statement is one round trip, committed when it returns; on SQLite
     each ``use()`` is one transaction. After an error it is dropped and the next use
-    connects afresh."""
+    connects afresh: back to the pool after a database error (SQLAlchemy has invalidated it
+    if it was lost), closed for good after any other exception, which may have interrupted
+    a statement halfway (an interruption, a signal handler)."""
 
     def __init__(self, config: Config) -> None:
         engine = get_engine(config)
@@ -49,14 +51,16 @@ class HeldConnection:
             else:
                 with conn.begin():
                     yield conn
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            self.close(invalidate=not isinstance(exc, DBAPIError))
             raise
 
-    def close(self) -> None:
+    def close(self, invalidate: bool = False) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with suppress(Exception):
+                if invalidate:
+                    conn.invalidate()
                 conn.close()
 
 

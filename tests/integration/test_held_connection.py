@@ -54,3 +54,28 @@ def test_a_pooled_connection_left_mid_command_is_dropped_with_the_pool(stack: St
     with held.use() as conn:
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1
     held.close()
+
+
+class Interrupted(BaseException):
+    """What the watchdog or a signal handler raises inside a thread."""
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_a_connection_interrupted_halfway_never_goes_back_to_the_pool(stack: Stack) -> None:
+    get_autocommit_engine(stack.config).dispose()  # the pool holds nothing else
+    held = HeldConnection(stack.config)
+    with pytest.raises(Interrupted), held.use() as conn:
+        used = conn.connection.dbapi_connection
+        raise Interrupted  # as if raised between sending a statement and reading its reply
+    engine = get_autocommit_engine(stack.config)
+    with engine.connect() as other:
+        assert other.connection.dbapi_connection is not used
+    assert used is not None and _closed(used)
+    held.close()
+
+
+def _closed(dbapi_connection: object) -> bool:
+    closed = getattr(dbapi_connection, "closed", None)  # psycopg: a property
+    if closed is None:  # PyMySQL: open
+        return not getattr(dbapi_connection, "open", True)
+    return bool(closed)
