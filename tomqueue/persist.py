@@ -246,20 +246,24 @@ def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
     """One INSERT on an autocommit connection kept out of the pool between calls
     (``ConnectionStack``), below SQLAlchemy and, where the driver allows, below its cursor
     (``insert_one``); a driver error is raised as SQLAlchemy's ``DBAPIError``, as any
-    other statement's would be."""
+    other statement's would be. Any other exception (a signal handler's, raised while the
+    INSERT waited) may have left the statement halfway: that connection is closed for good."""
     error = engine.dialect.loaded_dbapi.Error
     stack = connection_stack(engine)
     try:
         raw = stack.take()
     except error as exc:  # cannot connect
         raise driver_error(engine, None, exc, None, None) from exc
-    failed = True
+    ended = "interrupted"
     try:
         try:
             new_id = insert_one(engine, raw, values)
         except error as exc:
+            ended = "failed"
             raise driver_error(engine, raw, exc, statement(engine), values) from exc
-        failed = False
+        ended = "ok"
         return new_id
     finally:
-        stack.give_back(raw, failed)
+        if ended == "interrupted" and raw.is_valid:
+            raw.invalidate()
+        stack.give_back(raw, ended != "ok")

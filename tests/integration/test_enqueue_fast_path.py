@@ -29,6 +29,7 @@ from tests.conftest import (
     job_count,
     on_stacks,
     run_threads,
+    wait_until,
 )
 from tests.jobs import Record
 from tests.ports import free_port
@@ -307,3 +308,31 @@ def test_concurrent_enqueues_keep_at_most_keep_connections(stack: Stack, ledger_
     kept = kept_connections(config)
     assert 1 <= len(kept) <= ConnectionStack.KEEP
     assert len({server_session(config, raw) for raw in kept}) == len(kept)
+
+
+class Interrupted(BaseException):
+    """What a signal handler may raise while the INSERT waits for its reply."""
+
+
+@on_stacks(("postgresql", "polling"), ("mysql", "polling"))
+def test_a_connection_interrupted_during_the_insert_is_closed_for_good(
+    stack: Stack, ledger_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither kept nor given back to the pool: its statement may be halfway."""
+    config = stack.config
+    tomqueue.enqueue(Record(ledger_path, "warm"))
+    (kept,) = kept_connections(config)
+    session = server_session(config, kept)
+
+    def interrupted(*_args: object) -> int:
+        raise Interrupted
+
+    monkeypatch.setattr(persist, "insert_one", interrupted)
+    with pytest.raises(Interrupted):
+        tomqueue.enqueue(Record(ledger_path, "lost"))
+    monkeypatch.undo()
+
+    assert kept_connections(config) == []
+    wait_until(lambda: not session_alive(config, session), 10, "the session to end")
+    tomqueue.enqueue(Record(ledger_path, "after"))
+    assert job_count(config) == 2
