@@ -254,16 +254,16 @@ def _insert_autocommit(engine: Engine, values: dict[str, Any]) -> int:
         raw = stack.take()
     except error as exc:  # cannot connect
         raise driver_error(engine, None, exc, None, None) from exc
-    ended = "interrupted"
     try:
-        try:
-            new_id = insert_one(engine, raw, values)
-        except error as exc:
-            ended = "failed"
-            raise driver_error(engine, raw, exc, statement(engine), values) from exc
-        ended = "ok"
-        return new_id
-    finally:
-        if ended == "interrupted" and raw.is_valid:
+        new_id = insert_one(engine, raw, values)
+    except error as exc:
+        wrapped = driver_error(engine, raw, exc, statement(engine), values)  # lost: invalidated
+        stack.give_back(raw, failed=True)
+        raise wrapped from exc
+    except BaseException:
+        if raw.is_valid:
             raw.invalidate()
-        stack.give_back(raw, ended != "ok")
+        stack.give_back(raw, failed=True)
+        raise
+    stack.give_back(raw)
+    return new_id

@@ -110,7 +110,6 @@ class Worker:
         self.heartbeat.start()
         self.sweeper.start()
         self.pipeline.start()
-        drained = False
         try:
             self._connect()
             self._loop()
@@ -257,8 +256,8 @@ class Worker:
                 break
         self._buffer.clear()
         started, reported = time.monotonic(), False
-        give_up_at = started + self.config.stop_grace + self.config.timeout_grace
-        give_up_at += slow_stop.GIVE_UP
+        config = self.config
+        give_up_at = started + config.stop_grace + config.timeout_grace + slow_stop.GIVE_UP
         while not self.pipeline.idle():
             now = time.monotonic()
             if not reported and now - started > self.config.stop_grace + slow_stop.MARGIN:
