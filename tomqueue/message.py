@@ -29,10 +29,9 @@ class Notification:
         """The JSON body, compact, keys in this order. Written out rather than built with
         ``json.dumps`` (a new encoder per call: a tenth of the publisher thread's time):
         every value is an integer or an ISO-8601 timestamp, nothing needs escaping."""
-        run_at = self.run_at.replace(tzinfo=UTC).isoformat(timespec="microseconds")
         return (
             f'{{"delayed_job_id":{self.job_id:d},"delayed_job_digest":"{self.version:d}",'
-            f'"run_at":"{run_at}"}}'
+            f'"run_at":"{_iso(self.run_at)}"}}'
         ).encode()
 
     def headers(self, level: str) -> dict[str, Any]:
@@ -47,6 +46,21 @@ class Notification:
         if self.trace:
             headers["traceparent"] = self.trace
         return headers
+
+
+_last_iso: tuple[datetime, str] = (datetime.min, datetime.min.isoformat())
+
+
+def _iso(run_at: datetime) -> str:
+    """ISO-8601 UTC text of a naive UTC time. The last one is remembered: the jobs of an
+    ``enqueue_many`` batch share one ``run_at`` (a third of ``encode``'s time otherwise)."""
+    global _last_iso
+    last = _last_iso  # one read: another thread may replace it meanwhile
+    if last[0] == run_at and last[0].tzinfo is run_at.tzinfo:
+        return last[1]
+    text = run_at.replace(tzinfo=UTC).isoformat(timespec="microseconds")
+    _last_iso = (run_at, text)
+    return text
 
 
 def decode(body: bytes, headers: dict[str, Any] | None = None) -> Notification:

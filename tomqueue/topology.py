@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from tomqueue.config import LEVELS, QUEUE_NAME_RE, Config
 from tomqueue.errors import EnqueueError
@@ -25,11 +25,11 @@ class Topology:
     def of(cls, config: Config) -> Topology:
         return cls(config.prefix, config.default_queue)
 
-    @property
-    def work_exchange(self) -> str:
+    @cached_property
+    def work_exchange(self) -> str:  # cached: the publisher compares it per notification
         return f"{self.prefix}.work"
 
-    @property
+    @cached_property
     def deferred_exchange(self) -> str:
         return f"{self.prefix}.work.deferred"
 

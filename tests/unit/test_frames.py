@@ -3,6 +3,7 @@ marshals for ``basic_publish(exchange, key, body, properties(note, level), manda
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -67,3 +68,23 @@ def test_the_method_frame_is_kept_per_route() -> None:
     assert first == again
     assert first != other_key
     assert other_key == pika_frames(1, "tq.work", "b", note, "normal")
+
+
+def test_kept_headers_serve_only_jobs_of_the_same_kind_priority_and_queue() -> None:
+    """Only the job id's entry is written per notification; the rest of the table is kept
+    per (kind, priority, level, queue). Interleaved jobs — ids on both sides of 32 bits,
+    other kinds, priorities, levels, queues, a traceparent — each get pika's bytes."""
+    base = Notification(job_id=5, version=1, run_at=RUN_AT, priority=3, queue="q", kind="A:B")
+    variants = [
+        base,
+        replace(base, job_id=2**40),  # 64-bit id: another entry size, same kept rest
+        replace(base, kind="A:C"),
+        replace(base, priority=4),
+        replace(base, queue=None),
+        replace(base, trace="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        replace(base, job_id=6),
+    ]
+    for level in ("high", "low"):
+        for note in variants + variants[::-1]:
+            _, frames = publish_frames(1, "tq.work", "q.x", note, level)
+            assert frames == pika_frames(1, "tq.work", "q.x", note, level), (note, level)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 
@@ -48,6 +48,18 @@ def test_encode_is_compact_json_in_a_fixed_key_order(note: Notification) -> None
     }
     assert note.encode() == json.dumps(expected, separators=(",", ":")).encode()
     assert decode(note.encode()).job_id == note.job_id
+
+
+def test_each_body_carries_its_own_run_at_when_times_alternate() -> None:
+    """The last ``run_at`` written out is remembered (a batch shares one): a different
+    time, one a microsecond apart or the same moment with an offset, is written anew."""
+    times = [WHEN, WHEN.replace(microsecond=123457), WHEN, datetime(2024, 5, 6), WHEN]
+    for when in times:
+        expected = when.isoformat(timespec="microseconds") + "+00:00"
+        assert json.loads(Notification(1, 1, when).encode())["run_at"] == expected
+    aware = WHEN.replace(tzinfo=UTC)
+    assert Notification(1, 1, WHEN).encode() == Notification(1, 1, aware).encode()
+    assert json.loads(Notification(1, 1, WHEN).encode())["run_at"].endswith("+00:00")
 
 
 def test_round_trip_with_headers() -> None:

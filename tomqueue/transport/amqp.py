@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import pika
@@ -35,6 +36,7 @@ T = TypeVar("T")
 
 CLASSIC = {"x-queue-type": "classic"}
 PIPELINE_WINDOW = 500  # unconfirmed publishes in flight at most
+DUE_MARGIN = timedelta(microseconds=500)  # a job due this soon goes to work, not deferred
 
 
 def connect(config: Config, role: str) -> BlockingConnection:
@@ -89,10 +91,13 @@ def declare_deferred(channel: BlockingChannel, topology: Topology) -> Any:
     return result
 
 
-def route(note: Notification, config: Config, topology: Topology) -> tuple[str, str, str]:
-    """(exchange, routing key, level) for a notification: work if due, else deferred."""
+def route(
+    note: Notification, config: Config, topology: Topology, now: datetime | None = None
+) -> tuple[str, str, str]:
+    """(exchange, routing key, level) for a notification: work if due, else deferred.
+    ``now``: the clock, read once for a batch of notifications (default: read it now)."""
     level = config.level_for(note.priority)
-    if (note.run_at - utcnow()).total_seconds() > 0.0005:
+    if note.run_at > (now or utcnow()) + DUE_MARGIN:
         return topology.deferred_exchange, "", level
     return topology.work_exchange, topology.routing_key(note.queue, level), level
 
@@ -198,8 +203,9 @@ class AmqpPublisher:
         nack, return or missing confirm fails the whole call (it is safe to repeat)."""
         assert self._connection is not None and self._pipelined is not None
         pipe = self._pipelined
+        now = utcnow()
         for i, note in enumerate(notes):
-            exchange, key, level = route(note, self.config, channel.topology)
+            exchange, key, level = route(note, self.config, channel.topology, now)
             if exchange == channel.topology.work_exchange:
                 channel.ensure_queue_set(note.queue)
             pipe.send(exchange, key, note, level, i)

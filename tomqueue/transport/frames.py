@@ -37,6 +37,10 @@ _CONTENT_TYPE = bytes([len(CONTENT_TYPE)]) + CONTENT_TYPE.encode()
 _PERSISTENT = b"\x02"  # delivery_mode 2
 _INT32 = range(-(2**31), 2**31)
 _INT64 = struct.Struct(">q")
+_FIRST_HEADER = "job_id"  # Notification.headers' first entry, the one that differs per job
+_FIRST_ENTRY = bytes([len(_FIRST_HEADER)]) + _FIRST_HEADER.encode()
+_TABLE_RESTS: dict[tuple[str, int, str, str | None], bytes] = {}
+_TABLE_RESTS_KEPT = 4096
 
 
 def publish_frames(
@@ -72,7 +76,7 @@ def _properties(note: Notification, level: str) -> bytes:
     return b"".join(
         (
             _CONTENT_TYPE,
-            _table(note.headers(level)),
+            _headers(note, level),
             _PERSISTENT,
             bytes([len(message_id)]),
             message_id,
@@ -80,13 +84,28 @@ def _properties(note: Notification, level: str) -> bytes:
     )
 
 
-def _table(headers: dict[str, Any]) -> bytes:
-    pieces = []
-    for name, value in headers.items():
-        encoded_name = name.encode()
-        pieces.append(bytes([len(encoded_name)]) + encoded_name + _value(value))
-    table = b"".join(pieces)
-    return struct.pack(">I", len(table)) + table
+def _headers(note: Notification, level: str) -> bytes:
+    """The headers table. Only its first entry, the job id, differs between the jobs of a
+    kind, priority and queue: the rest is encoded once and kept (without a traceparent,
+    which differs per enqueue)."""
+    key = (note.kind, note.priority, level, note.queue)
+    rest = None if note.trace else _TABLE_RESTS.get(key)
+    if rest is None:
+        headers = note.headers(level)
+        first = next(iter(headers))
+        assert first == _FIRST_HEADER, f"the headers start with {first!r}"
+        rest = b"".join(_entry(name, value) for name, value in list(headers.items())[1:])
+        if not note.trace:
+            if len(_TABLE_RESTS) >= _TABLE_RESTS_KEPT:
+                _TABLE_RESTS.clear()
+            _TABLE_RESTS[key] = rest
+    first_entry = _FIRST_ENTRY + _value(note.job_id)
+    return struct.pack(">I", len(first_entry) + len(rest)) + first_entry + rest
+
+
+def _entry(name: str, value: Any) -> bytes:
+    encoded_name = name.encode()
+    return bytes([len(encoded_name)]) + encoded_name + _value(value)
 
 
 def _value(value: Any) -> bytes:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pika.adapters.blocking_connection import BlockingConnection
 
 from tomqueue.config import Config
+from tomqueue.db import utcnow
 from tomqueue.errors import ConfigError, PublishError
 from tomqueue.message import Notification
 from tomqueue.transport.amqp import ConfirmedChannel, connect, route
@@ -208,9 +209,10 @@ class Sender:
         here (raised to ``step``, which reconnects) loses nothing."""
         pipe, declarer = self._pipe, self._declarer
         assert pipe is not None and declarer is not None
+        now = utcnow()
         while self.outbox and pipe.in_flight < WINDOW:
             entry = self.outbox[0]
-            exchange, key, level = route(entry.note, self.config, declarer.topology)
+            exchange, key, level = route(entry.note, self.config, declarer.topology, now)
             if exchange == declarer.topology.work_exchange:
                 try:
                     declarer.ensure_queue_set(entry.note.queue)
