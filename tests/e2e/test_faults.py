@@ -903,7 +903,17 @@ def test_database_partition_longer_than_the_lease_through_a_proxy(
             assert fault_jobs.runs_of(ledger_path, marker)[0].pid == cut.pid
             other = c.worker()
             proxy.set_mode(mode)
-            time.sleep(seconds)  # the fault lasts this long: nothing to poll
+            cut_at = time.monotonic()
+            # The fault lasts ``seconds`` and at least until the other worker has taken the
+            # job over (lease, then a sweep: ~5.2 s here). Healed first, the cut worker would
+            # release the job itself and might run it again (seen once on a slow host).
+            wait_until(
+                lambda m=marker: len(fault_jobs.runs_of(ledger_path, m)) > 1,
+                TAKEOVER + 10.0,
+                "another worker to take the job over",
+            )
+            print(f"\ndatabase {mode}: taken over {time.monotonic() - cut_at:.1f}s into the fault")
+            time.sleep(max(0.0, cut_at + seconds - time.monotonic()))  # nothing to poll
             proxy.set_mode("pass")
             wait_completed(ledger_path, [marker], 30, c)
             first, *rest = fault_jobs.runs_of(ledger_path, marker)
