@@ -56,11 +56,12 @@ def connect(config: Config, role: str) -> BlockingConnection:
         return BlockingConnection(params)
     except Exception as exc:  # AMQPError, OSError, and pika's ValueError on a reset socket
         raise BrokerUnavailable(
-            f"cannot connect to the broker at {redact_url(config.amqp_url)}: {_detail(exc)}"
+            f"cannot connect to the broker at {redact_url(config.amqp_url)}: {error_text(exc)}"
         ) from None
 
 
-def _detail(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """An exception as a log line names it: its type, and its message when it has one."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 

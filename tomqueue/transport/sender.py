@@ -26,7 +26,7 @@ from tomqueue.config import Config
 from tomqueue.db import utcnow
 from tomqueue.errors import ConfigError, PublishError
 from tomqueue.message import Notification
-from tomqueue.transport.amqp import ConfirmedChannel, connect, route
+from tomqueue.transport.amqp import ConfirmedChannel, connect, error_text, route
 from tomqueue.transport.pipelined import PipelinedPublisher
 
 log = logging.getLogger("tomqueue.publisher")
@@ -149,7 +149,7 @@ class Sender:
             log.warning(
                 "cannot open the broker connection for enqueue notifications (%s); "
                 "%d notification(s) waiting, next attempt in %.1f s",
-                _detail(exc),
+                error_text(exc),
                 len(self.outbox) + len(self._later),
                 self._backoff,
                 extra={"action": "publish_connect_failed"},
@@ -163,7 +163,7 @@ class Sender:
         log.warning(
             "broker connection for enqueue notifications lost (%s); %d unconfirmed "
             "notification(s) will be sent again",
-            _detail(exc),
+            error_text(exc),
             len(self._sent),
             extra={"action": "publish_reconnect"},
         )
@@ -186,7 +186,7 @@ class Sender:
         except Exception as exc:  # closed by the broker while idle: reconnect when needed
             log.info(
                 "idle broker connection for enqueue notifications closed (%s)",
-                _detail(exc),
+                error_text(exc),
                 extra={"action": "publish_reconnect"},
             )
             self._disconnect()
@@ -300,7 +300,3 @@ class Sender:
                     self.config.exception_reporter(PublishError(message))
         if entries:
             self._settle([], entries)
-
-
-def _detail(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
