@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests import fault_jobs
@@ -66,6 +67,7 @@ from tests.fault_jobs import AbortJob, BlockingJob, LedgerJob
 from tomqueue import Delayed
 from tomqueue.db import dispose_engines, get_engine
 from tomqueue.schema import Job
+from tomqueue.topology import Topology
 from tomqueue.transport import close_publishers
 
 STOP_GRACE = float(FAST["TOMQUEUE_STOP_GRACE"])
@@ -930,6 +932,45 @@ def test_database_partition_longer_than_the_lease_through_a_proxy(
         assert_settled(c.config)
     finally:
         proxy.close()
+
+
+def test_a_worker_cut_from_the_database_gives_its_deliveries_back(
+    clusters: MakeCluster, ledger_path: str
+) -> None:
+    """A worker that cannot renew its lease may lock nothing. What the broker sends it goes
+    back within about ``LEASE_LOST_HOLD`` for workers that can reach the database (here
+    the only way: the other worker does not sweep), and meanwhile its dispatch loop waits
+    for the broker instead of spinning over the deliveries it may not start."""
+    c = clusters("postgresql")
+    proxy = TcpProxy("127.0.0.1", 5432)
+    try:
+        cut = c.worker(
+            config=c.config.replace(database_url=via(c.config.database_url, proxy, 5432))
+        )
+        proxy.set_mode("reset")
+        cut.wait_log("lease valid: False", timeout=LEASE + 10)
+        markers = [f"held{i}" for i in range(3)]
+        for marker in markers:
+            enqueue(c, ledger_path, marker)
+        # its window (prefetch) holds them all: none is ready in the queue
+        normal = Topology.of(c.config).queue_name(None, "normal")
+        wait_until(lambda: queue_depth(c.config, normal)[0] == 0, 10, "the cut worker to hold them")
+        before = cpu_seconds(cut.pid)
+        time.sleep(2.0)  # a window to measure its CPU in: nothing to poll
+        spent = cpu_seconds(cut.pid) - before
+        assert spent < 0.5, f"{cut.name} used {spent:.2f} s of CPU in 2 s, starting nothing"
+        assert not fault_jobs.runs(ledger_path)
+        c.worker(env={"TOMQUEUE_SWEEP_INTERVAL": "600"})
+        wait_completed(ledger_path, markers, 30, c)
+        assert all(r.pid != cut.pid for r in fault_jobs.runs(ledger_path))
+        fault_jobs.check(ledger_path, markers).assert_ok()
+    finally:
+        proxy.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def _logged_exit_time(log: str) -> float:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from tomqueue.config import Config
 from tomqueue.transport.base import Delivery
-from tomqueue.worker.process import Worker
+from tomqueue.worker.process import LEASE_LOST_HOLD, POLL_WAIT, Worker
 
 
 def delivery(level: str, n: int) -> Delivery:
@@ -80,3 +80,46 @@ def test_nothing_is_asked_when_only_high_jobs_start() -> None:
     w._dispatch()
     assert consumer.asked == []
     assert w.pipeline.started == [b"high-1", b"high-2"]  # type: ignore[attr-defined]
+
+
+@dataclass
+class GivingBack(FakeConsumer):
+    given_back: list[bytes] = field(default_factory=list)
+
+    def requeue(self, delivery: Delivery) -> None:
+        self.given_back.append(delivery.body)
+
+
+def held_since(seconds: float, name: str) -> Delivery:
+    return Delivery(name.encode(), "normal", received_at=time.monotonic() - seconds)
+
+
+def test_a_worker_that_lost_its_lease_gives_deliveries_back_after_a_second() -> None:
+    """Cut off from the database, a worker may lock nothing: what it holds goes back to the
+    broker after ``LEASE_LOST_HOLD`` (not ``delivery_hold_limit``, minutes), for workers
+    that can reach the database; nothing starts meanwhile."""
+    consumer = GivingBack()
+    w = worker([held_since(LEASE_LOST_HOLD + 0.5, "old"), held_since(0.0, "new")], consumer, 4)
+    w.ctx.lease_valid = lambda: False
+    w._dispatch()
+    assert consumer.given_back == [b"old"]
+    assert [d.body for d in w._buffer] == [b"new"]
+    assert w.pipeline.started == []  # type: ignore[attr-defined]
+    w.ctx.lease_valid = lambda: True  # renewed: held deliveries start, none is given back
+    w._buffer.append(held_since(LEASE_LOST_HOLD + 0.5, "older"))
+    w._dispatch()
+    assert consumer.given_back == [b"old"]
+    assert sorted(w.pipeline.started) == [b"new", b"older"]  # type: ignore[attr-defined]
+
+
+def test_a_worker_that_lost_its_lease_waits_for_the_broker_instead_of_spinning() -> None:
+    """Buffered deliveries that cannot start must not turn the dispatch loop into a busy
+    loop (a zero-second poll) while the lease is lost."""
+    w = worker([held_since(0.0, "a")], FakeConsumer(), 4)
+    assert w._poll_wait(free=4) == 0.0  # they can start: take more at once
+    assert w._poll_wait(free=0) == POLL_WAIT  # no place free
+    w.ctx.lease_valid = lambda: False
+    assert w._poll_wait(free=4) == POLL_WAIT
+    w._buffer.clear()
+    w.ctx.lease_valid = lambda: True
+    assert w._poll_wait(free=4) == POLL_WAIT

@@ -40,6 +40,8 @@ log = logging.getLogger("tomqueue.worker")
 EXIT_OK = 0
 QUIET_BEFORE_EXIT = 0.2  # --exit-on-complete: seconds without a delivery before asking
 EXIT_RESTART = 3  # too many abandoned job threads: a supervisor should start a fresh process
+POLL_WAIT = 0.5  # seconds the dispatch loop waits for the broker when nothing can start
+LEASE_LOST_HOLD = 1.0  # seconds a worker that cannot renew its lease holds a delivery
 
 
 def import_modules(names: Sequence[str]) -> frozenset[str]:
@@ -186,8 +188,9 @@ class Worker:
                 break
             free = self.pipeline.free()
             try:
-                wait = 0 if (self._buffer and free > 0) else 0.5
-                arrived = self.consumer.poll(wait, max(0, free - len(self._buffer)))
+                arrived = self.consumer.poll(
+                    self._poll_wait(free), max(0, free - len(self._buffer))
+                )
                 if arrived:
                     self._buffer += arrived
                     self._last_arrival = time.monotonic()
@@ -197,6 +200,14 @@ class Worker:
             if self.exit_on_complete and self._completed():
                 log.info("no more jobs: exiting (--exit-on-complete)")
                 break
+
+    def _poll_wait(self, free: int) -> float:
+        """How long the loop may wait for the broker: not at all while buffered deliveries
+        can start; otherwise until something arrives (at most ``POLL_WAIT``). A worker that
+        cannot renew its lease starts nothing, so its buffer does not count then."""
+        if self._buffer and free > 0 and self.ctx.lease_valid():
+            return 0.0
+        return POLL_WAIT
 
     def _completed(self) -> bool:
         """Nothing buffered, running or waiting in our queues — once the jobs this process
@@ -227,7 +238,11 @@ class Worker:
         self.pipeline.submit(chosen)
 
     def _requeue_stale(self) -> None:
-        limit = time.monotonic() - self.config.delivery_hold_limit
+        """Give back the deliveries held too long: ``delivery_hold_limit``, or
+        ``LEASE_LOST_HOLD`` while this worker cannot renew its lease (cut off from the
+        database, it may lock nothing; workers that can reach it take them meanwhile)."""
+        hold = self.config.delivery_hold_limit if self.ctx.lease_valid() else LEASE_LOST_HOLD
+        limit = time.monotonic() - hold
         for delivery in [d for d in self._buffer if d.received_at < limit]:
             self._buffer.remove(delivery)
             self.consumer.requeue(delivery)
