@@ -31,6 +31,7 @@ from tomqueue.db import STATEMENT_MARGIN, statement_limit, utcnow
 from tomqueue.errors import EnqueueError
 from tomqueue.message import Notification
 from tomqueue.persist import persist, persist_many
+from tomqueue.runtime import collector_paused
 from tomqueue.schema import Job, bare_job
 from tomqueue.transport import get_publisher
 from tomqueue.transport.background import get_background_publisher
@@ -267,28 +268,33 @@ def enqueue_many(
     config: Config | None = None,
 ) -> list[Job]:
     """``enqueue`` for many payloads: one INSERT, one commit, notifications published
-    together with many confirms in flight. The same rules and hooks apply to each."""
+    together with many confirms in flight. The same rules and hooks apply to each. The
+    garbage collector is paused while the batch is stored (``runtime.collector_paused``);
+    not while jobs run inline (``delay_jobs=False``)."""
     config = config or current()
-    now = utcnow()  # one moment for the batch: created_at, and run_at unless given
-    requests = [validate(p, priority, run_at, queue, config, now) for p in payloads]
-    new = [new_job(r, now, tracked=session is not None) for r in requests]
-    for request, job in zip(requests, new, strict=True):
-        run_enqueue_hooks(request, job)
-    if not config.delay_jobs:
-        from tomqueue.worker.invoke import run_inline
-
+    with collector_paused() if config.delay_jobs else nullcontext():
+        now = utcnow()  # one moment for the batch: created_at, and run_at unless given
+        requests = [validate(p, priority, run_at, queue, config, now) for p in payloads]
+        new = [new_job(r, now, tracked=session is not None) for r in requests]
         for request, job in zip(requests, new, strict=True):
-            run_inline(job, request.payload, config)
+            run_enqueue_hooks(request, job)
+        if not config.delay_jobs:
+            from tomqueue.worker.invoke import run_inline
+
+            for request, job in zip(requests, new, strict=True):
+                run_inline(job, request.payload, config)
+            return new
+        if not new:
+            return new
+        target = session if session is not None else connection
+        with tracing.enqueue_span(f"{len(new)} jobs") if tracing.active() else nullcontext():
+            persist_many(new, target, config)
+            trace = tracing.current_traceparent() if tracing.active() else ""
+        notes = [
+            notification(job, trace, _kind(r, job)) for r, job in zip(requests, new, strict=True)
+        ]
+        if target is None:
+            publish(notes, config)
+        else:
+            after_commit(target, lambda: publish(notes, config))
         return new
-    if not new:
-        return new
-    target = session if session is not None else connection
-    with tracing.enqueue_span(f"{len(new)} jobs") if tracing.active() else nullcontext():
-        persist_many(new, target, config)
-        trace = tracing.current_traceparent() if tracing.active() else ""
-    notes = [notification(job, trace, _kind(r, job)) for r, job in zip(requests, new, strict=True)]
-    if target is None:
-        publish(notes, config)
-    else:
-        after_commit(target, lambda: publish(notes, config))
-    return new
