@@ -293,8 +293,8 @@ def enqueue_many(
         notes = [
             notification(job, trace, _kind(r, job)) for r, job in zip(requests, new, strict=True)
         ]
-        if target is None:
-            publish(notes, config)
-        else:
-            after_commit(target, lambda: publish(notes, config))
-        return new
+    if target is None:  # the collector runs again: a synchronous publish waits for confirms
+        publish(notes, config)
+    else:
+        after_commit(target, lambda: publish(notes, config))
+    return new

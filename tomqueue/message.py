@@ -35,7 +35,9 @@ class Notification:
         ).encode()
 
     def headers(self, level: str) -> dict[str, Any]:
-        """AMQP headers that make a message readable in the management UI."""
+        """AMQP headers that make a message readable in the management UI. ``job_id``
+        comes first; the others depend only on kind, priority, level, queue and trace
+        (``transport.frames`` keeps them encoded per those)."""
         headers: dict[str, Any] = {
             "job_id": self.job_id,
             "job_class": self.kind[:255],

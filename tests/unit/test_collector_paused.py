@@ -68,3 +68,16 @@ def test_nested_pauses_leave_the_collector_to_the_outer_one() -> None:
             assert not gc.isenabled()
         assert not gc.isenabled()  # the inner one found it paused: leaves it so
     assert gc.isenabled()
+
+
+def test_the_collector_runs_again_before_the_notifications_are_published(
+    sqlite_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synchronous publish waits for the broker's confirms: not with the collector off."""
+    import tomqueue.enqueue as enqueue_module
+
+    monkeypatch.setattr(
+        enqueue_module, "publish", lambda notes, config: SEEN.append(gc.isenabled())
+    )
+    enqueue_many([Probe()], config=sqlite_config)
+    assert SEEN == [False, True]  # the hook, then the publish
