@@ -5,6 +5,7 @@ full collections set off by the batch's own objects)."""
 from __future__ import annotations
 
 import gc
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,8 +75,9 @@ def test_the_collector_runs_again_before_the_notifications_are_published(
     sqlite_config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A synchronous publish waits for the broker's confirms: not with the collector off."""
-    import tomqueue.enqueue as enqueue_module
-
+    enqueue_module = importlib.import_module(
+        "tomqueue.enqueue"
+    )  # the package's name is the function
     monkeypatch.setattr(
         enqueue_module, "publish", lambda notes, config: SEEN.append(gc.isenabled())
     )
