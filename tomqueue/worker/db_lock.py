@@ -78,6 +78,25 @@ def _record(works: Batch) -> list[list[Notification]]:
     return recorded
 
 
+def record_at_exit(ctx: Context) -> None:
+    """A last try at outcomes that could not be written; what is still unwritten is run
+    again after this worker's lease expires (counted as a crash)."""
+    if not ctx.unrecorded:
+        return
+    try:
+        record_late(ctx)
+    finally:
+        ctx.release_connection()
+    if ctx.unrecorded:
+        log.error(
+            "exiting with %d outcome(s) unwritten (jobs %s); they run again once this "
+            "worker's lease expires",
+            len(ctx.unrecorded),
+            sorted(w.job.id for w in ctx.unrecorded if w.job is not None),
+            extra={"action": "outcome_lost"},
+        )
+
+
 def record_late(ctx: Context) -> None:
     """Write the outcomes kept after a failed recording; publish their follow-ups (their
     deliveries were given back long ago)."""

@@ -287,27 +287,9 @@ class Worker:
                 time.sleep(0.1)
         drained = self.pipeline.idle()
         self.pipeline.stop()  # its recorder may have been retrying them: now it is done
-        self._record_late()
+        db_lock.record_at_exit(self.ctx)
         self.consumer.close()
         return drained
-
-    def _record_late(self) -> None:
-        """A last try at outcomes that could not be written; what is still unwritten is run
-        again after this worker's lease expires (counted as a crash)."""
-        if not self.ctx.unrecorded:
-            return
-        try:
-            db_lock.record_late(self.ctx)
-        finally:
-            self.ctx.release_connection()
-        if self.ctx.unrecorded:
-            log.error(
-                "exiting with %d outcome(s) unwritten (jobs %s); they run again once this "
-                "worker's lease expires",
-                len(self.ctx.unrecorded),
-                sorted(w.job.id for w in self.ctx.unrecorded if w.job is not None),
-                extra={"action": "outcome_lost"},
-            )
 
     def _needs_restart(self) -> bool:
         return self.ctx.abandoned_threads > self.threads
