@@ -14,11 +14,14 @@ from tomqueue.worker import db_lock
 
 def context(*job_ids: int) -> Any:
     released: list[bool] = []
+    published: list[object] = []
     return SimpleNamespace(
         unrecorded=[SimpleNamespace(job=SimpleNamespace(id=i)) for i in job_ids],
         lock=threading.Lock(),
         release_connection=lambda: released.append(True),
         released=released,
+        consumer=SimpleNamespace(publish=lambda notes: published.extend(notes)),
+        published=published,
     )
 
 
@@ -43,11 +46,12 @@ def test_outcomes_written_at_exit_leave_nothing_to_report(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     written: list[object] = []
-    monkeypatch.setattr(db_lock, "_record", lambda pending: written.append(pending) or [])
+    monkeypatch.setattr(db_lock, "_record", lambda pending: written.append(pending) or [["n"]])
     ctx = context(5)
     with caplog.at_level(logging.INFO, logger="tomqueue.worker"):
         db_lock.record_at_exit(ctx)
     assert len(written) == 1 and ctx.unrecorded == [] and ctx.released == [True]
+    assert ctx.published == ["n"]  # the follow-up notifications of what was written
     assert not [r for r in caplog.records if getattr(r, "action", None) == "outcome_lost"]
 
 
