@@ -15,7 +15,7 @@ once on a fresh one: a statement that failed because its connection was gone did
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -55,7 +55,7 @@ def persist(job: Job, target: Session | Connection | None, config: Config) -> No
         engine = get_engine(config)
         if (engine.dialect.name, engine.dialect.driver) in DRIVERS:
             fast = get_autocommit_engine(config)
-            job.id = _retrying(lambda: _insert_autocommit(fast, values))
+            _set_id(job, _retrying(lambda: _insert_autocommit(fast, values)))
             return
         key = _retrying(
             lambda: _in_transaction(
@@ -63,7 +63,7 @@ def persist(job: Job, target: Session | Connection | None, config: Config) -> No
             )
         )
     assert key is not None
-    job.id = key[0]
+    _set_id(job, key[0])
 
 
 def persist_many(new: list[Job], target: Session | Connection | None, config: Config) -> None:
@@ -74,13 +74,11 @@ def persist_many(new: list[Job], target: Session | Connection | None, config: Co
         return
     engine = target.engine if target is not None else get_engine(config)
     if (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg"):
-        for job, job_id in zip(new, _insert_unnest(target, engine, new), strict=True):
-            job.id = job_id
+        _assign_ids(new, _insert_unnest(target, engine, new))
         return
     if _json_table(engine):
         limit = (statement_limit(config) or 0) - STATEMENT_MARGIN
-        for job, job_id in zip(new, _insert_json_table(target, engine, new, limit), strict=True):
-            job.id = job_id
+        _assign_ids(new, _insert_json_table(target, engine, new, limit))
         return
     rows = [row_values(job) for job in new]
     statement = insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True)
@@ -90,8 +88,18 @@ def persist_many(new: list[Job], target: Session | Connection | None, config: Co
         )
     else:
         ids = target.execute(statement, rows).scalars().all()
+    _assign_ids(new, ids)
+
+
+def _assign_ids(new: Sequence[Job], ids: Iterable[int]) -> None:
     for job, job_id in zip(new, ids, strict=True):
-        job.id = job_id
+        _set_id(job, job_id)
+
+
+def _set_id(job: Job, job_id: int) -> None:
+    """Set straight into the instance, as ``bare_job`` set the rest (the ORM's attribute
+    event costs ~0.6 µs): jobs written by our own INSERT are in no ``Session``."""
+    job.__dict__["id"] = job_id
 
 
 _PG_TYPES = {
