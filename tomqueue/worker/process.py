@@ -275,7 +275,7 @@ class Worker:
         give_up_at = started + config.stop_grace + config.timeout_grace + slow_stop.GIVE_UP
         while not self.pipeline.idle():
             now = time.monotonic()
-            if not reported and now - started > self.config.stop_grace + slow_stop.MARGIN:
+            if not reported and now - started > config.stop_grace + slow_stop.MARGIN:
                 reported = True
                 slow_stop.report(now - started, *self.pipeline.load())
             if now > give_up_at:
