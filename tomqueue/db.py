@@ -17,6 +17,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.sql.elements import ColumnElement
 
 from tomqueue.config import Config
+from tomqueue.runtime import current_pid
 
 log = logging.getLogger("tomqueue.db")
 
@@ -45,7 +46,7 @@ def get_autocommit_engine(config: Config) -> Engine:
 
 
 def _engine(url: str, autocommit: bool) -> Engine:
-    key = (os.getpid(), url, autocommit)
+    key = (current_pid(), url, autocommit)
     engine = _engines.get(key)  # no lock on the hot path: a dict read is atomic
     if engine is not None:
         return engine

@@ -14,7 +14,7 @@ import base64
 import json
 import re
 import sys
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -28,6 +28,35 @@ _PLAIN = frozenset({type(None), bool, int, str})  # JSON values as they are (not
 # one encoder for every dump (json.dumps with these options builds a new one per call)
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 ALWAYS_ALLOWED = frozenset({"tomqueue.delay"})
+
+
+def _one_shot_encoder() -> Callable[[dict[str, Any]], str]:
+    """``_ENCODER.encode`` for a handler's dict, with CPython's C encoder built once:
+    ``JSONEncoder.encode`` builds one per call, 2.5 of the 3.6 µs it takes for a small
+    handler (and per job in ``enqueue_many``). No check for cycles: ``_encode`` builds a new
+    tree of bounded depth. Falls back to ``_ENCODER.encode`` where the C encoder is missing
+    or takes other arguments."""
+    make: Callable[..., Any] | None = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator
+        return _ENCODER.encode
+    try:
+        encode = make(  # the arguments JSONEncoder.iterencode gives it, in its order
+            None,  # markers: no cycle check
+            _ENCODER.default,
+            json.encoder.encode_basestring_ascii,
+            None,  # indent
+            ":",
+            ",",
+            False,  # sort_keys
+            False,  # skipkeys
+            False,  # allow_nan
+        )
+    except TypeError:  # another signature
+        return _ENCODER.encode
+    return lambda value: "".join(encode(value, 0))
+
+
+_encode_handler = _one_shot_encoder()
 
 
 def kind_of(obj: object) -> str:
@@ -54,7 +83,7 @@ def dump_with_kind(payload: object) -> tuple[str, str]:
             f"{type(payload).__name__} cannot be enqueued: it has no perform() method"
         )
     kind = kind_of(type(payload))
-    return kind, _ENCODER.encode({"kind": kind, "attrs": _encode_attrs(payload, "payload", 0)})
+    return kind, _encode_handler({"kind": kind, "attrs": _encode_attrs(payload, "payload", 0)})
 
 
 def handler_kind(handler: str) -> str:

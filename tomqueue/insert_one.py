@@ -200,8 +200,7 @@ def _pg_result(raw: PoolProxiedConnection, pgconn: Any) -> Any:
         writable = select.poll()
         writable.register(pgconn.socket, select.POLLOUT)
         writable.poll(1000)
-    pgconn.consume_input()
-    while pgconn.is_busy():
+    while pgconn.is_busy():  # no read before the first wait: the reply is never in yet
         poller.poll()
         pgconn.consume_input()
     result = last = pgconn.get_result()

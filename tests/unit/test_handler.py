@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests import jobs
-from tomqueue import HandlerError, SerializationError
+from tomqueue import HandlerError, SerializationError, handler
 from tomqueue.delay import PerformableMethod
 from tomqueue.handler import dump, dump_with_kind, handler_kind, kind_of, load
 
@@ -84,6 +84,34 @@ def test_handler_is_json_with_kind_and_attrs() -> None:
     assert handler_kind(dump(jobs.Record("/p", "m"))) == "tests.jobs:Record"
     assert handler_kind("not json") == "<malformed>"
     assert handler_kind('{"kind": 5}') == "<malformed>"
+
+
+def test_the_encoder_built_once_writes_what_the_standard_one_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``dump`` builds CPython's C encoder once instead of per call; the text is the one
+    ``json.JSONEncoder.encode`` writes, byte for byte, and what it refuses is refused."""
+    assert handler._encode_handler is not handler._ENCODER.encode  # the fast path, tested
+    payload = jobs.Record("/p", "m")
+    payload.extra = {  # type: ignore[attr-defined]
+        "float": [1.5, -0.0, 1e300, 3.141592653589793],
+        "text": 'quote " backslash \\ tab \t é ✓ 😀 \u2028 lone \udcff',
+        "nested": {"list": [[], {}, None, True, False, 2**70]},
+        "when": datetime(2024, 1, 2, 3, 4, 5, 678901),
+    }
+    tree = {"kind": "tests.jobs:Record", "attrs": handler._encode_attrs(payload, "payload", 0)}
+    assert handler._encode_handler(tree) == handler._ENCODER.encode(tree)
+    assert dump(payload) == handler._ENCODER.encode(tree)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        handler._encode_handler({"kind": "k", "attrs": {"x": float("nan")}})
+
+    def other_signature(*args: object) -> None:
+        raise TypeError("takes 10 arguments")
+
+    monkeypatch.setattr(json.encoder, "c_make_encoder", other_signature)
+    assert handler._one_shot_encoder() == handler._ENCODER.encode
+    monkeypatch.setattr(json.encoder, "c_make_encoder", None)  # no C accelerator
+    assert handler._one_shot_encoder() == handler._ENCODER.encode
 
 
 def test_performable_method_round_trip() -> None:

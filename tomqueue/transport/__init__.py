@@ -12,13 +12,13 @@ notifications to ``background.BackgroundPublisher`` instead and returns;
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tomqueue.config import LEVELS, Config
+from tomqueue.runtime import current_pid
 from tomqueue.transport.base import Consumer, Delivery, Publisher
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ _lock = threading.Lock()
 
 def get_publisher(config: Config) -> Publisher:
     """The process-wide publisher for this config (fork-safe: one per pid)."""
-    key = (os.getpid(), config.amqp_url, config.prefix)
+    key = (current_pid(), config.amqp_url, config.prefix)
     with _lock:
         publisher = _publishers.get(key)
         if publisher is None:

@@ -29,6 +29,7 @@ from tomqueue import failpoints
 from tomqueue.config import Config
 from tomqueue.errors import PublishError
 from tomqueue.message import Notification
+from tomqueue.runtime import current_pid
 from tomqueue.transport.sender import Entry, Sender
 
 log = logging.getLogger("tomqueue.publisher")
@@ -182,7 +183,7 @@ _lock = threading.Lock()
 def get_background_publisher(config: Config) -> BackgroundPublisher:
     """This process's background publisher for the config's broker and prefix (the first
     config that asks decides its other settings)."""
-    key = (os.getpid(), config.amqp_url, config.prefix)
+    key = (current_pid(), config.amqp_url, config.prefix)
     publisher = _publishers.get(key)  # no lock on the hot path: a dict read is atomic
     if publisher is not None:
         return publisher
