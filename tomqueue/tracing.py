@@ -10,6 +10,7 @@ the package, or without a provider, every function here is a no-op.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,14 +26,24 @@ TRACER_NAME = "tomqueue"
 
 
 _active = False  # a real provider was seen: OpenTelemetry sets the global provider once
+_MISSING = object()
+# a provider named by the environment is loaded by the first get_tracer_provider()
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def active() -> bool:
-    """True once the application has set a tracer provider (cheap: checked per enqueue)."""
+    """True once the application has set a tracer provider (checked per enqueue).
+
+    While none is set, OpenTelemetry's global is read instead of calling
+    ``get_tracer_provider()``, which looks for OTEL_PYTHON_TRACER_PROVIDER in ``os.environ``
+    each time (~2.5 µs, ~8 µs in an ``enqueue`` between two INSERTs). Where that global is
+    gone (another OpenTelemetry version) the public call answers."""
     global _active
     if _active:
         return True
     if trace is None:
+        return False
+    if getattr(trace, "_TRACER_PROVIDER", _MISSING) is None and not _PROVIDER_FROM_ENV:
         return False
     provider = trace.get_tracer_provider()
     _active = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
