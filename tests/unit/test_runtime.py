@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,3 +71,18 @@ def test_the_deferred_manager_settles_the_collector_before_running(
     monkeypatch.setenv("TOMQUEUE_DATABASE_URL", "sqlite://")
     assert deferred.manager.main([]) == 0
     assert steps == ["start-up", "settle", "run"]
+
+
+def test_current_pid_is_the_process_id_in_a_forked_child_too() -> None:
+    """The engines' and publishers' caches key on it: a child must see its own id."""
+    assert runtime.current_pid() == os.getpid()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, f"{runtime.current_pid()} {os.getpid()}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        seen, actual = (int(n) for n in pipe.read().split())
+    os.waitpid(child, 0)
+    assert seen == actual != os.getpid()
