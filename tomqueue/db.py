@@ -69,7 +69,7 @@ def dispose_engines() -> None:
     """Close this process's engines (a parent's, inherited by a fork, are left alone)."""
     from tomqueue.connections import close_stack  # it builds on this module
 
-    pid = os.getpid()
+    pid = current_pid()
     with _engines_lock:
         for key in [key for key in _engines if key[0] == pid]:
             engine = _engines.pop(key)

@@ -195,7 +195,7 @@ def get_background_publisher(config: Config) -> BackgroundPublisher:
 
 
 def _mine() -> list[BackgroundPublisher]:
-    pid = os.getpid()
+    pid = current_pid()
     with _lock:
         return [p for (owner, *_rest), p in _publishers.items() if owner == pid]
 
@@ -212,7 +212,7 @@ def flush_background(timeout: float | None = None) -> bool:
 
 def close_background(timeout: float = CLOSE_JOIN) -> None:
     """Close this process's background publishers (flushing each for up to ``timeout``)."""
-    pid = os.getpid()
+    pid = current_pid()
     with _lock:
         mine = [key for key in _publishers if key[0] == pid]
         closing = [_publishers.pop(key) for key in mine]
