@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -139,6 +140,7 @@ def measure(target: Target, opts: Options, shape: str, size: int) -> dict[str, A
     after each run); both record into one stamp file. The median run counts."""
     batch = opts.sizes.w2_batch
     path = str(target.path(f"w2-{shape}-{size}.stamps"))
+    Path(path).unlink(missing_ok=True)  # the stamps counted are this call's alone
     handler = handlers.dump(Stamp(path))
     now = load_backlog(target, shape, size, batch, handler)
     ids, seen = measured_ids(shape, size, batch), 0
