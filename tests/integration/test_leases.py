@@ -24,6 +24,7 @@ from tests.conftest import Stack, WorkerThread, on_stacks, wait_until
 from tests.jobs import Sleepy
 from tomqueue.db import db_now, get_engine
 from tomqueue.leases import try_acquire
+from tomqueue.registry import Heartbeat
 from tomqueue.schema import Job, WorkerRecord
 
 STACKS = (("sqlite", "polling"), ("postgresql", "amqp"), ("mysql", "amqp"))
@@ -135,3 +136,42 @@ def test_the_sweeper_lease_has_one_holder_at_a_time(stack: Stack) -> None:
         assert not try_acquire(conn, "sweeper", "b", 10, now + timedelta(seconds=9))
         assert try_acquire(conn, "sweeper", "b", 10, now + timedelta(seconds=11)), "expired"
         assert not try_acquire(conn, "sweeper", "a", 10, now + timedelta(seconds=12))
+
+
+def lock_as(config: tomqueue.Config, job_id: int, name: str) -> None:
+    with get_engine(config).begin() as conn:
+        now = db_now(conn)
+        conn.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(locked_at=now - timedelta(minutes=5), locked_by=name, fence=Job.fence + 1)
+        )
+
+
+@on_stacks(("sqlite", "polling"), ("postgresql", "polling"), ("mysql", "polling"))
+def test_a_new_worker_releases_the_locks_its_dead_namesake_left(
+    stack: Stack, ledger_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's name is Delayed::Job's ``host:... pid:...``, which a restarted container
+    reuses: whatever a dead process of that name had locked is released at registration
+    (a fence later), and nobody else's lock is touched."""
+    caplog.set_level(logging.WARNING, logger="tomqueue.registry")
+    config = stack.config
+    mine = [tomqueue.enqueue(Sleepy(ledger_path, f"mine-{i}", 0.0)) for i in range(3)]
+    other = tomqueue.enqueue(Sleepy(ledger_path, "other", 0.0))
+    for job in mine:
+        lock_as(config, job.id, "host:box pid:7")
+    lock_as(config, other.id, "host:box pid:70")
+    free = tomqueue.enqueue(Sleepy(ledger_path, "free", 0.0))
+
+    Heartbeat(config, get_engine(config), "host:box pid:7", []).register()
+
+    for job in mine:
+        row = job_row(config, job.id)
+        assert row is not None and row.locked_by is None and row.locked_at is None
+        assert row.fence == 2, "released a fence later than the dead process's lock"
+    kept = job_row(config, other.id)
+    assert kept is not None and kept.locked_by == "host:box pid:70" and kept.fence == 1
+    untouched = job_row(config, free.id)
+    assert untouched is not None and untouched.locked_by is None and untouched.fence == 0
+    assert "released 3 lock(s) left by a dead process named host:box pid:7" in caplog.text
