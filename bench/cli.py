@@ -119,7 +119,7 @@ def options_from(args: argparse.Namespace) -> Options:
         sizes=sizes,
         mode="quick" if args.quick else "large" if args.large else "default",
         threads=args.threads,
-        repeat=max(1, args.repeat or (LARGE_REPEAT if args.large else 1)),
+        repeat=max(1, _repeat(args)),
         baseline_threads=args.baseline_threads,
         prefix=args.prefix,
         output=args.output,
@@ -127,6 +127,12 @@ def options_from(args: argparse.Namespace) -> Options:
         dj_index=not args.no_dj_index,
         references=not args.no_references,
     )
+
+
+def _repeat(args: argparse.Namespace) -> int:
+    if args.repeat is not None:
+        return int(args.repeat)
+    return LARGE_REPEAT if args.large else 1
 
 
 def _pick(raw: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:

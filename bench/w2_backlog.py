@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -139,8 +138,9 @@ def measure(target: Target, opts: Options, shape: str, size: int) -> dict[str, A
     """Ours, then the baseline, ``opts.repeat`` times on one backlog (the batch is put back
     after each run); both record into one stamp file. The median run counts."""
     batch = opts.sizes.w2_batch
-    path = str(target.path(f"w2-{shape}-{size}.stamps"))
-    Path(path).unlink(missing_ok=True)  # the stamps counted are this call's alone
+    stamps = target.path(f"w2-{shape}-{size}.stamps")
+    stamps.unlink(missing_ok=True)  # the stamps counted are this call's alone
+    path = str(stamps)
     handler = handlers.dump(Stamp(path))
     now = load_backlog(target, shape, size, batch, handler)
     ids, seen = measured_ids(shape, size, batch), 0

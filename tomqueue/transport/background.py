@@ -176,7 +176,8 @@ class BackgroundPublisher:
 
 # --- one per process -------------------------------------------------------------------------
 
-_publishers: dict[tuple[int, str | None, str], BackgroundPublisher] = {}
+Key = tuple[int, str | None, str]  # (process id, broker URL, prefix)
+_publishers: dict[Key, BackgroundPublisher] = {}
 _lock = threading.Lock()
 
 
@@ -194,10 +195,15 @@ def get_background_publisher(config: Config) -> BackgroundPublisher:
         return publisher
 
 
-def _mine() -> list[BackgroundPublisher]:
+def _my_keys() -> list[Key]:
+    """The keys of this process's publishers (hold ``_lock``)."""
     pid = current_pid()
+    return [key for key in _publishers if key[0] == pid]
+
+
+def _mine() -> list[BackgroundPublisher]:
     with _lock:
-        return [p for (owner, *_rest), p in _publishers.items() if owner == pid]
+        return [_publishers[key] for key in _my_keys()]
 
 
 def flush_background(timeout: float | None = None) -> bool:
@@ -212,10 +218,8 @@ def flush_background(timeout: float | None = None) -> bool:
 
 def close_background(timeout: float = CLOSE_JOIN) -> None:
     """Close this process's background publishers (flushing each for up to ``timeout``)."""
-    pid = current_pid()
     with _lock:
-        mine = [key for key in _publishers if key[0] == pid]
-        closing = [_publishers.pop(key) for key in mine]
+        closing = [_publishers.pop(key) for key in _my_keys()]
     for publisher in closing:
         publisher.close(timeout)
 
